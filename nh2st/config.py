@@ -62,6 +62,8 @@ class Model:
     loss_ratio2: float = 0.5
     negative_weight: float = 0.1
     hyperedge_k: int = 3
+    hypergraph_dim: int = 1024
+    decoder_dim: int = 256
     predict_from: str = "query"
     neighbor_branch: bool = True
 

@@ -22,8 +22,9 @@ moves another slide to a different fold. Folds left without test or train sample
 (the others keep their paper index); `missing_samples` names what is absent.
 
 `split="patient"`: ZEN's and Mouse's paper folds split by slide, so replicates of one patient
-sit in both train and test (their paper split warns about that). ZEN has patient labels (HEST),
-giving patient-level folds; Mouse replicates carry no animal id, so it has none. For stnet, skin,
+sit in both train and test (their paper split warns about that). ZEN has patient labels (HEST):
+its 7 patients go to 3 folds balanced by slide count (4/3/3 slides, each patient's slides
+together). Mouse replicates carry no animal id, so it has no patient split (an error). For stnet, skin,
 pcw and int the paper folds already hold out whole patients (or stages), so both names give the
 same folds.
 """
@@ -91,12 +92,17 @@ KNOWN_SAMPLES: dict[str, list[str]] = {
     "zen": ZEN_IDS,
 }
 
-_LEAK_WARNING = ("{dataset} paper folds split by slide, not by {unit}: replicate slides of one {unit} "
-                 "sit in both train and test, which inflates scores")
+_LEAK_WARNINGS = {
+    "zen": "zen paper folds split by slide, not by patient: the replicate slides of patients 1-3 sit in "
+           "both train and test, which inflates scores; --split patient holds out whole patients",
+    "mouse": "mouse paper folds split by slide: the replicates carry no animal id, so sections of one "
+             "animal may sit in both train and test, which can inflate scores",
+}
 
 
 def known_samples(dataset: str) -> list[str]:
     """The paper's sample ids of `dataset` (sorted as strings), no data needed."""
+    dataset = dataset.lower()
     if dataset not in KNOWN_SAMPLES:
         raise NH2STError(f"no known sample list for dataset {dataset!r}; known: {', '.join(KNOWN_SAMPLES)}")
     return list(KNOWN_SAMPLES[dataset])
@@ -111,6 +117,7 @@ def _universe(dataset: str, sample_ids: list[str] | None) -> list[str]:
 
 def missing_samples(dataset: str, sample_ids: list[str]) -> list[str]:
     """The paper's samples of `dataset` that are not among `sample_ids` (exact ids)."""
+    dataset = dataset.lower()
     present = set(sample_ids)
     return [s for s in _universe(dataset, list(sample_ids)) if s not in present]
 
@@ -162,15 +169,18 @@ def _paper_tests(dataset: str, universe: list[str], split: str) -> list[list[str
         if split == "patient":
             raise NH2STError("--split patient is not possible for mouse: the replicates carry no animal id; "
                              "use --split paper (it splits by slide)")
-        warnings.warn(_LEAK_WARNING.format(dataset="mouse", unit="animal"), stacklevel=3)
+        warnings.warn(_LEAK_WARNINGS["mouse"], stacklevel=3)
         by_file_name = sorted(universe, key=lambda s: s + "_coord.csv")
         return _kfold_by_sample(by_file_name, 4, 42)
     if dataset == "zen":
         if split == "patient":
             return _zen_patient_folds(universe)
-        warnings.warn(_LEAK_WARNING.format(dataset="zen", unit="patient"), stacklevel=3)
+        warnings.warn(_LEAK_WARNINGS["zen"], stacklevel=3)
         return _kfold_by_sample(sorted(universe, key=lambda s: s + ".h5ad"), 3, 42)
     if dataset == "int":
+        if split == "patient" and not set(universe) <= set(INT_IDS):
+            raise NH2STError("--split patient for int needs INT1-INT24 only (one patient each); INT25-28 and "
+                             "INT35 have no patient label: drop them or use --split paper")
         return _kfold_by_sample(sorted(universe, key=lambda s: s + ".h5ad"), 8, 42)
     raise NH2STError(f"no fold scheme for dataset {dataset!r}")
 
@@ -181,6 +191,7 @@ def folds(dataset: str, sample_ids: list[str] | None = None, split: str = "paper
     Train and test lists are sorted. With `sample_ids`, the paper's folds are restricted to those
     ids (see the module docstring); ids the dataset's fold scheme does not know are an error.
     """
+    dataset = dataset.lower()
     if split not in SPLITS:
         raise NH2STError(f"--split {split!r} is unknown; choose one of: {', '.join(SPLITS)}")
     if dataset == "demo":  # synthetic: any ids, one slide per patient
@@ -207,3 +218,8 @@ def folds(dataset: str, sample_ids: list[str] | None = None, split: str = "paper
         raise NH2STError(f"the {len(ids)} given {dataset} sample(s) leave no fold with both train and test "
                          "samples; add samples")
     return out
+
+
+def folds_as_dict(fold_list: list[Fold]) -> dict[str, dict[str, list[str]]]:
+    """JSON form of folds: {"<index>": {"train": [...], "test": [...]}, ...}."""
+    return {str(f.index): {"train": list(f.train), "test": list(f.test)} for f in fold_list}

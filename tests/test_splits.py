@@ -1,0 +1,205 @@
+"""The paper's folds for every dataset, pinned to the tables in reference/datasets.md (§2.3-§5.4)."""
+
+import json
+import warnings
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from nh2st.errors import NH2STError
+from nh2st.splits import (INT_HEST_IDS, KNOWN_SAMPLES, folds, folds_as_dict, known_samples,
+                          missing_samples)
+
+PCW = "Human_Heart_Asp_12122019_ST_ST_Sample_"
+MOUSE = "Mouse_OlfactoryBulb_Stahl_07012016_ST_"
+
+STNET_TEST_PATIENTS = [  # datasets.md §2.3
+    ["BC23277", "BC23287", "BC23508"], ["BC24105", "BC24220", "BC24223"], ["BC23803", "BC23377", "BC23895"],
+    ["BC23272", "BC23288", "BC23903"], ["BC23270", "BC23268", "BC23567"], ["BC23269", "BC23810", "BC23901"],
+    ["BC23209", "BC23450", "BC23506"], ["BC23944", "BC24044"],
+]
+STNET_SECTIONS = {  # datasets.md §2.2
+    "BC23209": "C1 C2 D1", "BC23268": "C1 C2 D1", "BC23269": "C1 C2 D1", "BC23270": "D2 E1 E2",
+    "BC23272": "D2 E1 E2", "BC23277": "D2 E1 E2", "BC23287": "C1 C2 D1", "BC23288": "D2 E1 E2",
+    "BC23377": "C1 C2 D1", "BC23450": "D2 E1 E2", "BC23506": "C1 C2 D1", "BC23508": "D2 E1 E2",
+    "BC23567": "D2 E1 E2", "BC23803": "D2 E1 E2", "BC23810": "D2 E1 E2", "BC23895": "C1 C2 D1",
+    "BC23901": "C2 D1", "BC23903": "C1 C2 D1", "BC23944": "D2 E1 E2", "BC24044": "D2 E1 E2",
+    "BC24105": "C1 C2 D1", "BC24220": "D2 E1 E2", "BC24223": "D2 E1 E2",
+}
+INT24_TESTS = ["INT1 INT17 INT24", "INT18 INT2 INT4", "INT10 INT21 INT7", "INT11 INT14 INT20",
+               "INT12 INT13 INT23", "INT3 INT6 INT8", "INT16 INT19 INT9", "INT15 INT22 INT5"]
+INT29_TESTS = ["INT20 INT24 INT35 INT8", "INT1 INT17 INT18 INT3", "INT2 INT21 INT23 INT7", "INT10 INT13 INT14 INT25",
+               "INT11 INT12 INT4 INT5", "INT26 INT6 INT9", "INT16 INT19 INT28", "INT15 INT22 INT27"]
+ZEN_TESTS = ["ZEN40 ZEN41 ZEN45 ZEN48", "ZEN42 ZEN47 ZEN49", "ZEN43 ZEN44 ZEN46"]
+MOUSE_TESTS = [[10, 7, 8], [12, 3, 6], [11, 2, 9], [1, 4, 5]]
+PCW_STAGES = {"4.5-5PCW": 4, "6.5PCW": 9, "9PCW": 6}
+
+
+def quiet_folds(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return folds(*args, **kwargs)
+
+
+def check_partition(fold_list, ids):
+    for f in fold_list:
+        assert sorted(f.train + f.test) == sorted(ids) and not set(f.train) & set(f.test)
+    tested = [s for f in fold_list for s in f.test]
+    assert sorted(tested) == sorted(ids)      # every sample is tested exactly once
+
+
+def test_known_sample_lists():
+    assert len(known_samples("stnet")) == 68 and len(known_samples("skin")) == 12
+    assert len(known_samples("pcw")) == 19 and len(known_samples("mouse")) == 12
+    assert len(known_samples("int")) == 24 and len(known_samples("zen")) == 10
+    assert sorted(known_samples("stnet")) == sorted(f"{p}_{s}" for p, secs in STNET_SECTIONS.items()
+                                                    for s in secs.split())
+    assert "P10_ST_rep3" in known_samples("skin") and f"{MOUSE}Rep12" in known_samples("mouse")
+    assert sorted(known_samples("pcw")) == sorted(f"{PCW}{stage}_{n}" for stage, k in PCW_STAGES.items()
+                                                  for n in range(1, k + 1))
+    with pytest.raises(NH2STError, match="nope"):
+        known_samples("nope")
+
+
+def test_stnet_folds_hold_out_whole_patients():
+    got = folds("stnet")
+    assert [f.index for f in got] == list(range(8))
+    for f, patients in zip(got, STNET_TEST_PATIENTS):
+        assert f.test == sorted(f"{p}_{s}" for p in patients for s in STNET_SECTIONS[p].split())
+    check_partition(got, KNOWN_SAMPLES["stnet"])
+
+
+def test_skin_leave_one_patient_out():
+    got = folds("skin")
+    assert [f.test for f in got] == [[f"{p}_ST_rep{r}" for r in (1, 2, 3)] for p in ("P2", "P5", "P9", "P10")]
+    check_partition(got, KNOWN_SAMPLES["skin"])
+
+
+def test_pcw_leave_one_stage_out():
+    got = folds("pcw")
+    assert [f.test for f in got] == [sorted(f"{PCW}{stage}_{n}" for n in range(1, k + 1))
+                                     for stage, k in PCW_STAGES.items()]
+    check_partition(got, KNOWN_SAMPLES["pcw"])
+
+
+def test_mouse_folds_reproduce_the_suffix_sort_quirk_and_warn():
+    with pytest.warns(UserWarning, match="mouse paper folds split by slide"):
+        got = folds("mouse")
+    assert [f.test for f in got] == [sorted(f"{MOUSE}Rep{r}" for r in reps) for reps in MOUSE_TESTS]
+    check_partition(got, KNOWN_SAMPLES["mouse"])
+    with pytest.raises(NH2STError, match="no animal id"):
+        folds("mouse", split="patient")
+
+
+def test_int_folds_for_the_24_and_the_29_id_sets():
+    assert [" ".join(sorted(f.test)) for f in folds("int")] == [" ".join(sorted(t.split())) for t in INT24_TESTS]
+    got = folds("int", INT_HEST_IDS)
+    assert [f.test for f in got] == [sorted(t.split()) for t in INT29_TESTS]
+    check_partition(got, INT_HEST_IDS)
+    assert folds("int", split="patient") == folds("int")
+    with pytest.raises(NH2STError, match="no patient label"):
+        folds("int", INT_HEST_IDS, split="patient")
+
+
+def test_zen_paper_folds_warn_and_patient_folds_do_not_leak():
+    with pytest.warns(UserWarning, match="zen paper folds split by slide"):
+        got = folds("zen")
+    assert [f.test for f in got] == [sorted(t.split()) for t in ZEN_TESTS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # the patient split does not warn
+        by_patient = folds("zen", split="patient")
+    check_partition(by_patient, KNOWN_SAMPLES["zen"])
+    assert len(by_patient) == 3
+    pairs = [("ZEN44", "ZEN45"), ("ZEN46", "ZEN47"), ("ZEN48", "ZEN49")]   # one patient each
+    for f in by_patient:
+        for a, b in pairs:
+            assert (a in f.test) == (b in f.test)
+    assert [len(f.test) for f in by_patient] == [4, 3, 3]
+
+
+def test_subset_keeps_paper_membership_and_reports_missing():
+    # KFold over the paper's full list, then restricted: a missing slide moves nobody
+    present = [s for s in KNOWN_SAMPLES["int"] if s not in ("INT2", "INT4", "INT18")]   # fold 1 empties
+    got = folds("int", present)
+    assert [f.index for f in got] == [0, 2, 3, 4, 5, 6, 7]
+    assert [f.test for f in got] == [sorted(f.test) for f in folds("int") if f.index != 1]
+    assert missing_samples("int", present) == ["INT2", "INT4", "INT18"]
+    # grouped schemes: a fold is its patients, restricted to what is there
+    got = folds("stnet", ["BC23277_D2", "BC23209_C1", "BC23209_C2"])
+    assert [(f.index, f.test, f.train) for f in got] == [
+        (0, ["BC23277_D2"], ["BC23209_C1", "BC23209_C2"]), (6, ["BC23209_C1", "BC23209_C2"], ["BC23277_D2"])]
+    mouse = [f"{MOUSE}Rep{r}" for r in (1, 10, 12)]
+    assert [(f.index, f.test) for f in quiet_folds("mouse", mouse)] == [
+        (0, [f"{MOUSE}Rep10"]), (1, [f"{MOUSE}Rep12"]), (3, [f"{MOUSE}Rep1"])]
+
+
+def test_exact_ids_never_substrings():
+    with pytest.raises(NH2STError, match="INT100"):
+        folds("int", ["INT1", "INT100", "INT2"])
+    with pytest.raises(NH2STError, match="Rep1x"):
+        quiet_folds("mouse", [f"{MOUSE}Rep1", f"{MOUSE}Rep1x"])
+    with pytest.raises(NH2STError, match="P2_ST_rep10"):
+        folds("skin", ["P2_ST_rep1", "P2_ST_rep10", "P5_ST_rep1"])
+    with pytest.raises(NH2STError, match="--split"):
+        folds("stnet", split="slide")
+    with pytest.raises(NH2STError, match="no fold"):
+        folds("skin", ["P2_ST_rep1", "P2_ST_rep2"])     # one patient: nothing to train on
+
+
+def test_cli_json_is_the_only_stdout_and_warning_goes_to_stderr():
+    result = CliRunner().invoke(app, ["splits", "--dataset", "zen", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == folds_as_dict(quiet_folds("zen"))
+    assert json.loads(result.stdout)["1"]["test"] == ["ZEN42", "ZEN47", "ZEN49"]
+    assert "leak" not in result.stdout and "split by slide" in result.stderr
+
+
+def test_cli_table_and_patient_split():
+    result = CliRunner().invoke(app, ["splits", "--dataset", "zen", "--split", "patient"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for f in folds("zen", split="patient"):
+        assert " ".join(f.test) in result.stdout
+    assert result.stderr == ""
+
+
+def test_cli_data_root_uses_found_samples_and_reports_missing(tmp_path):
+    coord = tmp_path / "STimage-1K4M" / "ST" / "coord"
+    coord.mkdir(parents=True)
+    for folder in ("gene_exp", "image"):
+        (coord.parent / folder).mkdir()
+    for rep in (1, 10, 12):
+        (coord / f"{MOUSE}Rep{rep}_coord.csv").write_text(",yaxis,xaxis,r\n")
+    (coord / f"{PCW}9PCW_1_coord.csv").write_text(",yaxis,xaxis,r\n")   # another dataset: ignored
+    result = CliRunner().invoke(app, ["splits", "-d", "mouse", "--data-root", str(tmp_path / "STimage-1K4M"),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert {k: v["test"] for k, v in got.items()} == {"0": [f"{MOUSE}Rep10"], "1": [f"{MOUSE}Rep12"],
+                                                      "3": [f"{MOUSE}Rep1"]}
+    assert "9 of the paper's mouse samples" in result.stderr and f"{MOUSE}Rep2," in result.stderr
+
+
+def test_cli_errors_are_nh2st_errors():
+    result = CliRunner().invoke(app, ["splits", "--dataset", "mouse", "--split", "patient"])
+    assert result.exit_code != 0 and isinstance(result.exception, NH2STError)
+
+
+@pytest.mark.parametrize("name", ["stnet", "skin", "pcw", "mouse", "int", "zen"])
+def test_shipped_config_has_the_papers_settings(name):
+    from pathlib import Path
+
+    from nh2st.config import load_config
+    from nh2st.datasets import get_dataset
+
+    config = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    t, m, d = config.TRAINING, config.MODEL, config.DATASET
+    assert (config.GENERAL.seed, t.batch_size, t.learning_rate, t.num_epochs, t.optimizer) == (2021, 8, 5e-4, 200, "adam")
+    assert (t.early_stopping.monitor, t.early_stopping.patience, t.early_stopping.mode) == ("R", 20, "max")
+    assert (t.lr_scheduler.step_size, t.lr_scheduler.gamma) == (50, 0.9)
+    assert (m.emb_dim, m.depth1, m.num_heads1, m.mlp_ratio1, m.dropout1, m.res_neighbor) == (512, 1, 8, 1.0, 0.5, [5, 5])
+    assert (m.temperature1, m.temperature2, m.loss_ratio1, m.loss_ratio2) == (0.05, 0.05, 1.0, 0.5)
+    spec = get_dataset(d.type)
+    assert spec.name == name and d.gene_list == spec.gene_list and d.data_dir == spec.data_root
+    assert (d.num_neighbors, d.radius, d.fold_scheme) == (9, 224, "paper")
+    assert t.num_k == len(quiet_folds(name))

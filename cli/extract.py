@@ -1,0 +1,111 @@
+"""`nh2st extract` (stage one: slides -> embedding store) and `nh2st info` (what a store holds)."""
+
+import datetime
+import logging
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from nh2st.extract import describe_store, run_extract
+from nh2st.progress import console as stderr
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+
+
+def _split_ids(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [s.strip() for v in values for s in v.split(",") if s.strip()]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("extract")
+    def extract(
+        dataset: str = typer.Option(..., "--dataset", "-d", help="demo, zen, int, stnet, skin, pcw or mouse"),
+        data_root: Path | None = typer.Option(None, "--data-root", help="where the dataset lives (default: data/...)"),
+        store: Path | None = typer.Option(None, "--store", help="store to build (default: stores/<dataset>.zarr)"),
+        weights: str | None = typer.Option(None, "--weights", help="checkpoint PATH, or 'random' / 'random:seed=N' "
+                                           "(default: weights/tenpercent_resnet18.ckpt; random for the demo)"),
+        samples: list[str] | None = typer.Option(None, "--samples", help="sample ids to extract instead of the "
+                                                 "dataset's list (repeat the flag or separate by commas)"),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+        batch_size: int | None = typer.Option(None, "--batch-size", help="patches per forward pass "
+                                              "(default 256 on CUDA, 64 on CPU)"),
+        workers: int | None = typer.Option(None, "--workers", help="threads cropping patches ahead of the encoder"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="rebuild a store made with other weights/genes"),
+        allow_missing_genes: bool = typer.Option(False, "--allow-missing-genes",
+                                                 help="fill genes absent from a sample with zeros (warns)"),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="log each sample to stderr"),
+    ) -> None:
+        """Encode every spot's patch once with the frozen ResNet18 into a resumable Zarr store."""
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = run_extract(dataset, data_root=data_root, store_path=store, weights=weights,
+                                  samples=_split_ids(samples), device=device, batch_size=batch_size,
+                                  overwrite=overwrite, allow_missing_genes=allow_missing_genes, workers=workers)
+        for w in caught:
+            stderr.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+        if summary["up_to_date"]:
+            stderr.print(f"{summary['store']}: up to date, all {summary['n_skipped']} samples already "
+                         "extracted; nothing to do", highlight=False)
+            return
+        table = Table(title=f"{summary['dataset']} -> {summary['store']}")
+        for name, justify in (("sample", "left"), ("status", "left"), ("spots", "right"),
+                              ("seconds", "right"), ("patches/s", "right")):
+            table.add_column(name, justify=justify)
+        for row in summary["samples"]:
+            extracted = row["status"] == "extracted"
+            table.add_row(row["id"], row["status"], f"{row['n_spots']:,}",
+                          f"{row['seconds']:.1f}" if extracted else "", f"{row['patches_per_s']:.0f}" if extracted else "")
+        table.caption = (f"{summary['spots_extracted']:,} spots at {summary['patches_per_s']:.0f} patches/s on "
+                         f"{summary['device']} ({summary['precision']}), weights {summary['weights']}; "
+                         f"store {_size(summary['store_bytes'])}")
+        Console().print(table)
+
+    @app.command("info")
+    def info(store: Path = typer.Argument(..., help="an embedding store, e.g. stores/zen.zarr")) -> None:
+        """Summarise a store: what produced it, its samples, spots and size on disk."""
+        d = describe_store(store)
+        attrs = d["attributes"]
+        head = Table(title=str(store), show_header=False)
+        head.add_column("key", style="bold")
+        head.add_column("value", overflow="fold")
+        genes = attrs.get("genes", [])
+        for key, value in (
+            ("dataset", attrs.get("dataset")),
+            ("backbone", attrs.get("backbone")),
+            ("weights", attrs.get("weights")),
+            ("weights sha256", attrs.get("weights_sha256")),
+            ("patch size", attrs.get("patch_size")),
+            ("feature shape", "x".join(map(str, attrs.get("feature_shape", [])))),
+            ("neighbours k", attrs.get("neighbors_k")),
+            ("genes", f"{len(genes)} ({', '.join(genes[:5])}{', ...' if len(genes) > 5 else ''})"),
+            ("normalisation", ", ".join(f"{k}: {v}" for k, v in attrs.get("normalisation", {}).items())),
+            ("format version", attrs.get("format_version")),
+            ("created", f"{attrs.get('created_at', '?')} by {attrs.get('created_by', '?')}"),
+            ("samples", f"{d['complete_samples']} complete of {len(d['samples'])}"),
+            ("spots", f"{d['spots']:,}"),
+            ("on disk", _size(d["bytes"])),
+        ):
+            head.add_row(key, str(value))
+        table = Table(title="samples")
+        for name, justify in (("sample", "left"), ("spots", "right"), ("complete", "left"),
+                              ("completed at", "left"), ("on disk", "right")):
+            table.add_column(name, justify=justify)
+        for s in d["samples"]:
+            when = (datetime.datetime.fromtimestamp(s["completed_at"]).strftime("%Y-%m-%d %H:%M:%S")
+                    if s["completed_at"] else "")
+            table.add_row(s["id"], f"{s['n_spots']:,}", "yes" if s["complete"] else "[red]no (half-written)[/]",
+                          when, _size(s["bytes"]))
+        out = Console()
+        out.print(head)
+        out.print(table)

@@ -81,7 +81,6 @@ def write_hest_sample(root: Path, sample_id: str, slide_size: int, n_spots: int,
     import pandas as pd
     import scipy.sparse as sp
 
-    rng = np.random.default_rng(seed)
     for folder in ("st", "wsis", "metadata"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     write_slide(root / "wsis" / f"{sample_id}.tif", slide_size, seed)

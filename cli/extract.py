@@ -2,13 +2,13 @@
 
 import datetime
 import logging
-import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.common import MultiValueCommand, split_values, warnings_on_console
 from nh2st.extract import describe_store, run_extract
 from nh2st.progress import console as stderr
 
@@ -20,14 +20,8 @@ def _size(n: int) -> str:
         n /= 1024
 
 
-def _split_ids(values: list[str] | None) -> list[str] | None:
-    if not values:
-        return None
-    return [s.strip() for v in values for s in v.split(",") if s.strip()]
-
-
 def register(app: typer.Typer) -> None:
-    @app.command("extract")
+    @app.command("extract", cls=MultiValueCommand)
     def extract(
         dataset: str = typer.Option(..., "--dataset", "-d", help="demo, zen, int, stnet, skin, pcw or mouse"),
         data_root: Path | None = typer.Option(None, "--data-root", help="where the dataset lives (default: data/...)"),
@@ -47,13 +41,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Encode every spot's patch once with the frozen ResNet18 into a resumable Zarr store."""
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings_on_console():
             summary = run_extract(dataset, data_root=data_root, store_path=store, weights=weights,
-                                  samples=_split_ids(samples), device=device, batch_size=batch_size,
+                                  samples=(split_values(samples) or None), device=device, batch_size=batch_size,
                                   overwrite=overwrite, allow_missing_genes=allow_missing_genes, workers=workers)
-        for w in caught:
-            stderr.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
         if summary["up_to_date"]:
             stderr.print(f"{summary['store']}: up to date, all {summary['n_skipped']} samples already "
                          "extracted; nothing to do", highlight=False)

@@ -1,13 +1,13 @@
 """`nh2st splits`: each fold's train/test sample ids, as a rich table or JSON."""
 
 import json
-import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.common import MultiValueCommand, split_values, warnings_on_console
 from nh2st.datasets import get_dataset
 from nh2st.errors import NH2STError
 from nh2st.progress import console as stderr
@@ -15,29 +15,26 @@ from nh2st.splits import SPLITS, folds, folds_as_dict, missing_samples
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("splits")
+    @app.command("splits", cls=MultiValueCommand)
     def splits(
         dataset: str = typer.Option(..., "--dataset", "-d", help="stnet, skin, pcw, mouse, int, zen or demo"),
         split: str = typer.Option("paper", "--split", help=f"{' | '.join(SPLITS)}: the paper's folds, or "
                                   "patient-level folds where the paper splits one patient's slides"),
         data_root: Path | None = typer.Option(None, "--data-root", help="use the samples found in this download"),
-        samples: str | None = typer.Option(None, "--samples", help="comma-separated sample ids to use"),
+        samples: list[str] | None = typer.Option(None, "--samples", help="sample ids to use (several after the flag, or comma-separated)"),
         as_json: bool = typer.Option(False, "--json", help='print {"0": {"train": [...], "test": [...]}, ...}'),
     ) -> None:
         """Show the cross-validation folds of a dataset (no data needed)."""
         spec = get_dataset(dataset)
-        if data_root is not None and samples is not None:
+        if data_root is not None and samples:
             raise NH2STError("give --data-root or --samples, not both")
         sample_ids = None
         if data_root is not None:
             sample_ids = spec.find_samples(data_root)
-        elif samples is not None:
-            sample_ids = [s.strip() for s in samples.split(",") if s.strip()]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        elif samples:
+            sample_ids = split_values(samples)
+        with warnings_on_console():
             fold_list = folds(spec.name, sample_ids, split)
-        for w in caught:
-            stderr.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
         if sample_ids is not None and spec.name != "demo":
             missing = missing_samples(spec.name, sample_ids)
             if missing:

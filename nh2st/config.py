@@ -66,6 +66,7 @@ class Model:
     decoder_dim: int = 256
     predict_from: str = "query"
     neighbor_branch: bool = True
+    input_norm: str = "none"
 
 
 @dataclass

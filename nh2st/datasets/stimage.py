@@ -23,7 +23,6 @@ from nh2st.datasets.base import Sample, validate_counts
 from nh2st.datasets.legacy_st import check_inside, open_image
 from nh2st.errors import NH2STError
 from nh2st.expression import select_genes
-from nh2st.slide import open_slide
 
 FOLDERS = ("coord", "gene_exp", "image")
 COORD_SUFFIX = "_coord.csv"

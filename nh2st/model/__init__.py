@@ -1,0 +1,9 @@
+"""The NH²2ST heads: hypergraph convolution, cross-attention fusion, losses, the model."""
+
+from nh2st.model.attention import CrossAttention, FusionEncoder
+from nh2st.model.hypergraph import HypergraphConv, HypergraphEncoder, hypergraph_operator
+from nh2st.model.losses import info_nce, nh2st_loss
+from nh2st.model.nh2st import NH2ST, batch_rows
+
+__all__ = ["NH2ST", "batch_rows", "CrossAttention", "FusionEncoder", "HypergraphConv", "HypergraphEncoder",
+           "hypergraph_operator", "info_nce", "nh2st_loss"]

@@ -29,7 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 from nh2st.config import load_config
-from nh2st.encoder import FrozenEncoder, build_trunk, resolve_device
+from nh2st.devices import resolve_device
+from nh2st.encoder import FrozenEncoder, build_trunk
 from nh2st.model import NH2ST, nh2st_loss
 from nh2st.neighbors import knn_index
 from nh2st.training import FoldSpots, fit, predict_rows

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
+from nh2st.devices import resolve_device
 from nh2st.errors import NH2STError
 
 log = logging.getLogger(__name__)
@@ -156,24 +157,6 @@ def parse_random_seed(weights: str | Path) -> int | None:
     if match is None:
         return None
     return int(match.group(1) or 0)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`; NH2STError for anything else."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    match = re.fullmatch(r"cuda(?::(\d+))?", device or "")
-    if match is None:
-        raise NH2STError(f"--device {device!r} is not understood; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise NH2STError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    index = int(match.group(1) or 0)
-    if index >= torch.cuda.device_count():
-        raise NH2STError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); "
-                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    return torch.device("cuda", index)
 
 
 class FrozenEncoder:

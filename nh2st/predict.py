@@ -150,6 +150,10 @@ def check_backbone(encoder: FrozenEncoder, run: dict, fold_dir: Path, weights) -
         raise NH2STError(f"--weights {weights}: sha256 {encoder.weights_sha256[:12]}… is not the backbone run "
                          f"{fold_dir} was trained on ({expected[:12]}…); pass the weights used by `nh2st extract` "
                          "for its store")
+    patch_size = recorded.get("patch_size")
+    if patch_size and int(patch_size) != encoder.patch_size:
+        raise NH2STError(f"{fold_dir}: run was trained on {patch_size}-px patches, the encoder crops "
+                         f"{encoder.patch_size}-px ones; re-extract the store with {encoder.patch_size}-px patches")
     shape = recorded.get("feature_shape")
     if shape and tuple(shape) != tuple(encoder.feature_shape):
         raise NH2STError(f"{fold_dir}: run features {tuple(shape)} differ from the encoder's {encoder.feature_shape}")

@@ -299,10 +299,16 @@ def open_slide(path, cache_bytes: int = 64 << 20) -> Slide:
         raise NH2STError(f"{path}: slide image not found")
     with open(path, "rb") as fh:
         head = fh.read(8)
-    if head[:4] in _TIFF_MAGIC:
-        return TiffSlide(path, cache_bytes=cache_bytes)
-    if head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC):
-        return ImageSlide(path)
+    try:
+        if head[:4] in _TIFF_MAGIC:
+            return TiffSlide(path, cache_bytes=cache_bytes)
+        if head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC):
+            return ImageSlide(path)
+    except NH2STError:
+        raise
+    except Exception as exc:  # whatever the decoder throws, the user needs the file's name
+        raise NH2STError(f"{path}: cannot read the image ({exc.__class__.__name__}: {exc}); "
+                         "re-download or re-export it") from None
     raise NH2STError(f"{path}: not a TIFF, JPEG or PNG image (first bytes {head[:8]!r}); "
                      "give the slide as a (pyramidal) TIFF, JPEG or PNG")
 

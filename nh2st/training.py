@@ -46,7 +46,7 @@ from rich.table import Table
 from nh2st import __version__, metrics
 from nh2st.baselines import BASELINES, LinearBaseline, fit_baseline, pool
 from nh2st.config import Config, config_from_dict, load_config, save_config
-from nh2st.encoder import resolve_device
+from nh2st.devices import resolve_device
 from nh2st.errors import NH2STError
 from nh2st.model import NH2ST, batch_rows, nh2st_loss
 from nh2st.model.hypergraph import neighborhood_operators
@@ -379,7 +379,8 @@ def train_fold(store, fold: int, cfg: Config | None = None, runs_dir="runs", pro
     rank, world = _rank(), _world()
     run = {"store": str(Path(store.path).resolve()),
            "store_meta": {k: store.meta.to_dict()[k] for k in
-                          ("dataset", "genes", "backbone", "weights_sha256", "feature_shape", "neighbors_k")},
+                          ("dataset", "genes", "backbone", "weights", "weights_sha256", "patch_size", "feature_shape",
+                           "neighbors_k", "normalisation")},
            "fold": fold, **{f"{name}_samples": ids for name, ids in split_ids.items()},
            "protocol": protocol, "selected_on": _selection_note(protocol, select), "model_kind": model_kind,
            "seed": cfg.GENERAL.seed, "device": str(device), "world_size": world, "nh2st_version": __version__,

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torchvision.transforms import functional as TF
 
+from nh2st.devices import resolve_device
 from nh2st.encoder import (IMAGENET_MEAN, IMAGENET_STD, FrozenEncoder, build_trunk, load_trunk_weights,
-                           parse_random_seed, resolve_device)
+                           parse_random_seed)
 from nh2st.errors import NH2STError
 from checkpoint_fixtures import reference_resnet, write_checkpoint
 

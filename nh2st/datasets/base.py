@@ -1,6 +1,7 @@
 """The common Sample every dataset reader returns; format quirks stay in the readers."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -66,3 +67,27 @@ def validate_counts(counts: np.ndarray, source: str, sample_id: str) -> None:
     if neg_rows.any():
         raise NH2STError(f"{source}: sample {sample_id} has negative counts in {int(neg_rows.sum())} spots; "
                          "nh2st needs raw (non-negative) counts, not normalised values")
+
+
+def find_data_folder(root: Path, candidates: list[Path], folders: tuple[str, ...], what: str, hint: str) -> Path:
+    """The first of `candidates` holding all `folders`; else an error listing every path looked for."""
+    for folder in candidates:
+        found = [name for name in folders if (folder / name).is_dir()]
+        if len(found) == len(folders):
+            return folder
+        if found:
+            missing = [name for name in folders if name not in found]
+            raise NH2STError(f"{folder}: has {', '.join(found)} but not {', '.join(missing)}; "
+                             f"{what} needs all of {', '.join(folders)}")
+    looked = ", ".join(str(folder / name) for folder in candidates for name in folders)
+    raise NH2STError(f"{root}: no data found; looked for {looked}; pass --data-root pointing at {hint}")
+
+
+def check_inside(slide, pixel_xy: np.ndarray, image: Path, spot_path: Path) -> None:
+    """Every spot centre must lie on the image, else the image is not the one the spots were placed on."""
+    outside = ((pixel_xy < 0) | (pixel_xy >= np.array([slide.width, slide.height]))).any(axis=1)
+    if outside.any():
+        reach = pixel_xy.max(axis=0)
+        raise NH2STError(f"{image}: image is {slide.width}x{slide.height} px but {int(outside.sum())} spot centre(s) "
+                         f"of {spot_path.name} lie outside it (up to x={reach[0]:.0f}, y={reach[1]:.0f}); "
+                         "use the full-resolution image the spot coordinates were made for")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from nh2st.datasets.base import Sample, validate_counts
+from nh2st.datasets.base import Sample, check_inside, find_data_folder, validate_counts
 from nh2st.errors import NH2STError
 from nh2st.expression import select_genes
 from nh2st.slide import open_slide
@@ -37,17 +37,8 @@ SUBFOLDERS = {"stnet": ("stnet", "STNet"), "skin": ("skin", "Skin")}
 def resolve_root(spec, root: Path) -> Path:
     """The folder holding ST-imgs/, ST-spotfiles/, ST-cnts/: `root` or its stnet|skin subfolder."""
     candidates = [root] + [root / sub for sub in SUBFOLDERS.get(spec.name, ())]
-    for folder in candidates:
-        found = [name for name in FOLDERS if (folder / name).is_dir()]
-        if len(found) == len(FOLDERS):
-            return folder
-        if found:
-            missing = [name for name in FOLDERS if name not in found]
-            raise NH2STError(f"{folder}: has {', '.join(found)} but not {', '.join(missing)}; "
-                             f"the {spec.name} download needs all of {', '.join(FOLDERS)}")
-    looked = ", ".join(str(folder / name) for folder in candidates for name in FOLDERS)
-    raise NH2STError(f"{root}: no {spec.name} data found; looked for {looked}; pass --data-root pointing "
-                     "at the folder that holds ST-imgs/, ST-spotfiles/ and ST-cnts/")
+    return find_data_folder(root, candidates, FOLDERS, f"the {spec.name} download",
+                            "the folder that holds ST-imgs/, ST-spotfiles/ and ST-cnts/")
 
 
 def find_samples(spec, root: Path) -> list[str]:
@@ -155,7 +146,7 @@ def load_sample(spec, root: Path, sample_id: str, genes: list[str], allow_missin
     counts = counts[row_of[spots.index].to_numpy()]
 
     image = image_path(spec, root, sample_id)
-    slide = open_image(image)
+    slide = open_slide(image)
     check_inside(slide, spots[["pixel_x", "pixel_y"]].to_numpy(), image, spot_path)
     return Sample(id=sample_id, slide=slide, pixel_xy=spots[["pixel_x", "pixel_y"]].to_numpy(),
                   grid_xy=spots[["x", "y"]].to_numpy(), barcodes=spots.index.to_numpy(), counts=counts,
@@ -163,23 +154,3 @@ def load_sample(spec, root: Path, sample_id: str, genes: list[str], allow_missin
                   meta={"dataset": spec.name, "image": str(image), "counts_file": str(counts_path),
                         "mpp": slide.mpp, "dropped_spots_without_counts": dropped,
                         "counts_without_spot": int(len(spot_ids) - len(spots)), "missing_genes": missing})
-
-
-def open_image(path: Path):
-    """open_slide(path), with any failure turned into an NH2STError naming the file."""
-    try:
-        return open_slide(path)
-    except NH2STError:
-        raise
-    except Exception as exc:
-        raise NH2STError(f"{path}: cannot read the image ({exc.__class__.__name__}: {exc}); re-download it") from None
-
-
-def check_inside(slide, pixel_xy: np.ndarray, image: Path, spot_path: Path) -> None:
-    """Every spot centre must lie on the image, else the image is not the one the spots were placed on."""
-    outside = ((pixel_xy < 0) | (pixel_xy >= np.array([slide.width, slide.height]))).any(axis=1)
-    if outside.any():
-        reach = pixel_xy.max(axis=0)
-        raise NH2STError(f"{image}: image is {slide.width}x{slide.height} px but {int(outside.sum())} spot centre(s) "
-                         f"of {spot_path.name} lie outside it (up to x={reach[0]:.0f}, y={reach[1]:.0f}); "
-                         "use the full-resolution image the spot coordinates were made for")

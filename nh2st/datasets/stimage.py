@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nh2st.datasets.base import Sample, validate_counts
-from nh2st.datasets.legacy_st import check_inside, open_image
+from nh2st.datasets.base import Sample, check_inside, find_data_folder, validate_counts
 from nh2st.errors import NH2STError
 from nh2st.expression import select_genes
+from nh2st.slide import open_slide
 
 FOLDERS = ("coord", "gene_exp", "image")
 COORD_SUFFIX = "_coord.csv"
@@ -36,17 +36,8 @@ SPOT_DIAMETER_UM = 100.0
 
 def resolve_root(root: Path) -> Path:
     """The folder holding coord/, gene_exp/, image/: `root/ST` or `root` itself."""
-    for base in (root / "ST", root):
-        found = [name for name in FOLDERS if (base / name).is_dir()]
-        if len(found) == len(FOLDERS):
-            return base
-        if found:
-            missing = [name for name in FOLDERS if name not in found]
-            raise NH2STError(f"{base}: has {', '.join(found)} but not {', '.join(missing)}; "
-                             f"STimage-1K4M's ST/ folder needs all of {', '.join(FOLDERS)}")
-    looked = ", ".join(str(base / name) for base in (root / "ST", root) for name in FOLDERS)
-    raise NH2STError(f"{root}: no STimage-1K4M data found; looked for {looked}; pass --data-root pointing at "
-                     "the STimage-1K4M folder (or its ST/ subfolder)")
+    return find_data_folder(root, [root / "ST", root], FOLDERS, "STimage-1K4M's ST/ folder",
+                            "the STimage-1K4M folder (or its ST/ subfolder)")
 
 
 def find_samples(spec, root: Path) -> list[str]:
@@ -172,7 +163,7 @@ def load_sample(spec, root: Path, sample_id: str, genes: list[str], allow_missin
     pixel_xy = coords[["xaxis", "yaxis"]].to_numpy(dtype=np.float64)[has_counts]  # file order: y before x
 
     image = image_path(base, sample_id)
-    slide = open_image(image)
+    slide = open_slide(image)
     check_inside(slide, pixel_xy, image, coord_path)
     radius = float(np.nanmedian(coords["r"])) if "r" in coords.columns and coords["r"].notna().any() else None
     mpp = slide.mpp if slide.mpp else (SPOT_DIAMETER_UM / (2 * radius) if radius else None)

@@ -16,9 +16,9 @@ from nh2st import metrics
 from nh2st.config import load_config
 from nh2st.errors import NH2STError
 from nh2st.evaluate import evaluate, evaluate_fold, load_predictions, resolve_run
-from nh2st.expression import process_expression
 from nh2st.neighbors import knn_index
 from nh2st.store import EmbeddingStore, StoreMeta
+from store_fixtures import write_spots
 from nh2st.training import train_fold
 
 torch.set_num_threads(2)
@@ -51,16 +51,7 @@ def build_store(path, shape=(16, 4, 4), genes=None, weights_sha256="0" * 64, gri
             maps = channel[:, :, None, None] + 0.05 * rng.normal(size=(len(z), *shape))
             counts = rng.poisson(np.exp(3.0 + 0.6 * z @ mixing)).astype(np.float32)
             pixel_xy = grid_xy * 200.0 + 300.0
-            writer = store.begin_sample(sample, len(z))
-            writer.write_features(maps.astype(np.float16), maps.mean(axis=(2, 3)).astype(np.float32))
-            writer.write_array("counts", counts)
-            writer.write_array("targets", process_expression(counts, grid_xy))
-            writer.write_array("pixel_xy", pixel_xy)
-            writer.write_array("grid_xy", grid_xy)
-            writer.write_array("barcodes", np.array([f"{sample}-{i:03d}" for i in range(len(z))]))
-            writer.write_array("neighbors", knn_index(pixel_xy, 9))
-            writer.write_thumbnail(np.full((60, 60, 3), 200, np.uint8), 0.02)
-            writer.commit()
+            write_spots(store, sample, maps, counts, grid_xy, pixel_xy, np.full((60, 60, 3), 200, np.uint8))
     return path
 
 

@@ -11,11 +11,10 @@ from typer.testing import CliRunner
 from nh2st.baselines import fit_ridge
 from nh2st.config import load_config
 from nh2st.errors import NH2STError
-from nh2st.expression import process_expression
-from nh2st.neighbors import knn_index
 from nh2st.splits import folds
 from nh2st.store import EmbeddingStore, StoreMeta, load_spots
 from nh2st.training import FoldSpots, carve_validation, default_config_path, fit, load_trained, main, train_fold
+from store_fixtures import write_spots
 
 torch.set_num_threads(2)
 
@@ -51,15 +50,7 @@ def build_store(path, seed=0, grid=(10, 8), shape=SHAPE, n_genes=N_GENES, latent
             if sample in changed_samples:
                 counts = np.random.default_rng(99).poisson(20, size=counts.shape).astype(np.float32)
             pixel_xy = grid_xy * 100.0 + 50.0
-            writer = store.begin_sample(sample, len(z))
-            writer.write_features(maps.astype(np.float16), maps.mean(axis=(2, 3)).astype(np.float32))
-            writer.write_array("counts", counts)
-            writer.write_array("targets", process_expression(counts, grid_xy))
-            writer.write_array("pixel_xy", pixel_xy)
-            writer.write_array("grid_xy", grid_xy)
-            writer.write_array("barcodes", np.array([f"{sample}_{i}" for i in range(len(z))]))
-            writer.write_array("neighbors", knn_index(pixel_xy, 9))
-            writer.commit()
+            write_spots(store, sample, maps, counts, grid_xy, pixel_xy)
     return path
 
 

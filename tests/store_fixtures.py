@@ -1,0 +1,22 @@
+"""Writing synthetic samples into a real store, for the stage-two tests."""
+
+import numpy as np
+
+from nh2st.expression import process_expression
+from nh2st.neighbors import knn_index
+
+
+def write_spots(store, sample_id: str, maps: np.ndarray, counts: np.ndarray, grid_xy: np.ndarray,
+                pixel_xy: np.ndarray, thumbnail: np.ndarray | None = None, thumbnail_scale: float = 0.02) -> None:
+    """One complete sample from feature maps (N, C, H, W) and raw counts (N, G), as extraction writes it."""
+    writer = store.begin_sample(sample_id, len(maps))
+    writer.write_features(maps.astype(np.float16), maps.mean(axis=(2, 3)).astype(np.float32))
+    writer.write_array("counts", counts)
+    writer.write_array("targets", process_expression(counts, grid_xy))
+    writer.write_array("pixel_xy", pixel_xy)
+    writer.write_array("grid_xy", grid_xy)
+    writer.write_array("barcodes", np.array([f"{sample_id}-{i:03d}" for i in range(len(maps))]))
+    writer.write_array("neighbors", knn_index(pixel_xy, store.meta.neighbors_k))
+    if thumbnail is not None:
+        writer.write_thumbnail(thumbnail, thumbnail_scale)
+    writer.commit()

@@ -16,7 +16,7 @@ METRIC_COLUMNS = (("R (top-50)", "R"), ("PCC (all genes)", "pcc_mean"), ("HVG-50
 
 
 def _fmt(value) -> str:
-    return "—" if value is None else f"{value:.4f}"
+    return "—" if value is None else f"{value:.3f}"
 
 
 def eval_table(result: dict) -> Table:
@@ -37,7 +37,7 @@ def eval_table(result: dict) -> Table:
             cells = []
             for _, key in METRIC_COLUMNS:
                 s = entry["summary"][key]
-                cells.append("—" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}")
+                cells.append("—" if s["mean"] is None else f"{s['mean']:.3f}±{s['std']:.3f}")
             table.add_row(kind, "mean ± std", "", "", *cells, "", style="bold")
         table.add_section()
     return table

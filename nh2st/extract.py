@@ -23,6 +23,7 @@ import numpy as np
 from rich.progress import ProgressColumn
 from rich.text import Text
 
+from nh2st.atomic import atomic_write
 from nh2st.datasets import get_dataset
 from nh2st.encoder import DEFAULT_WEIGHTS, FrozenEncoder
 from nh2st.errors import NH2STError
@@ -172,7 +173,7 @@ def run_extract(dataset: str, data_root=None, store_path=None, weights=None, sam
             "seconds": time.time() - started, "store_bytes": disk_bytes(store_path),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (store_path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(store_path / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     return summary
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from nh2st import __version__
+from nh2st.atomic import atomic_write
 from nh2st.encoder import DEFAULT_WEIGHTS, FrozenEncoder
 from nh2st.errors import NH2STError
 from nh2st.evaluate import VALUE_SPACE, fold_dirs, read_run_json
@@ -198,17 +199,6 @@ def _spot_diameter(pixel_xy: np.ndarray) -> float:
     return VISIUM_SPOT_TO_PITCH * pitch if pitch > 0 else 100.0
 
 
-def write_h5ad_atomic(adata, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
 def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool = False, weights=None,
                   device: str = "auto", batch_size: int | None = None, show_progress: bool = True) -> dict:
     """Predict every spot of `spots` on slide `wsi` with a trained run; writes `out` (.h5ad) atomically.
@@ -277,6 +267,6 @@ def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool 
         "images": {"hires": thumbnail},
         "scalefactors": {"tissue_hires_scalef": float(thumb_scale), "spot_diameter_fullres": _spot_diameter(pixel_xy)},
         "metadata": {"source": "nh2st predict"}}}
-    write_h5ad_atomic(adata, out)
+    atomic_write(out, adata.write_h5ad)
     return {"out": str(out), "folds": fold_ids, "n_spots": int(len(barcodes)), "n_genes": len(genes),
             "n_outside": n_outside, "weights_sha256": encoder.weights_sha256, "model_kind": predictors[0].kind}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nh2st.atomic import atomic_write
 from nh2st.errors import NH2STError
 
 PATCH_SIZE = 224
@@ -348,14 +349,11 @@ def write_pyramid_tiff(path, image: np.ndarray, mpp: float | None = None, *, til
                    compressionargs={"level": quality} if compression == "jpeg" else None)
     if mpp:
         options.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
+    def write(tmp):
         with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31) as writer:
             extra = {"subifds": len(levels) - 1} if pyramid == "subifds" else {}
             writer.write(levels[0], **extra, **options)
             for level in levels[1:]:
                 writer.write(level, subfiletype=1, **options)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_write(path, write)

@@ -44,6 +44,7 @@ from rich.progress import TextColumn
 from rich.table import Table
 
 from nh2st import __version__, metrics
+from nh2st.atomic import atomic_write
 from nh2st.baselines import BASELINES, LinearBaseline, fit_baseline, pool
 from nh2st.config import Config, config_from_dict, load_config, save_config
 from nh2st.devices import resolve_device
@@ -169,25 +170,12 @@ def score_rows(predictions: np.ndarray, spots: FoldSpots, rows: torch.Tensor, ge
 
 
 # ---- run files --------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then os.replace: a reader (or a Ctrl-C) never sees a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(path: Path, data) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(metrics.to_json(data), indent=2) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(metrics.to_json(data), indent=2) + "\n"))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def write_log(run_dir: Path, history: list[dict]) -> None:
@@ -196,7 +184,7 @@ def write_log(run_dir: Path, history: list[dict]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_FIELDS})
-    _atomic_write(run_dir / "log.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    atomic_write(run_dir / "log.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
     write_json(run_dir / "log.json", history)
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from nh2st.atomic import atomic_write
 from nh2st.datasets import hest
 from nh2st.errors import NH2STError
 from nh2st.expression import normalize_log, process_expression, smooth_grid
@@ -418,18 +419,6 @@ HEST_CSV_COLUMNS = ("dataset_title", "id", "image_filename", "organ", "disease_s
                     "tissue", "disease_comment", "subseries", "hest_version_added")
 
 
-def _atomic_write(path: Path, write) -> Path:
-    """Call write(tmp_path), then rename onto `path`: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def qc_columns(X, var_names) -> tuple[dict, dict]:
     """HEST/scanpy QC columns for obs and var computed from raw counts X (sparse or dense)."""
     from scipy import sparse
@@ -499,8 +488,8 @@ def write_hest_sample(root, sample_id: str, *, image: np.ndarray, mpp: float, ob
              "metadata": root / "metadata" / f"{sample_id}.json"}
     paths["wsi"].parent.mkdir(parents=True, exist_ok=True)
     write_pyramid_tiff(paths["wsi"], image, mpp, compression=compression, pyramid=pyramid)
-    _atomic_write(paths["st"], lambda tmp: adata.write_h5ad(tmp))
-    _atomic_write(paths["metadata"], lambda tmp: tmp.write_text(json.dumps(metadata, indent=1)))
+    atomic_write(paths["st"], lambda tmp: adata.write_h5ad(tmp))
+    atomic_write(paths["metadata"], lambda tmp: tmp.write_text(json.dumps(metadata, indent=1)))
     return paths
 
 
@@ -587,7 +576,7 @@ def generate_demo(root, seed: int = SEED, show_progress: bool = True) -> dict:
                 progress.advance(task)
     metadata = {sid: hest.read_metadata(hest.sample_paths(root, sid)["metadata"]) for sid in DEMO_IDS}
     rows = [{column: meta.get(column) for column in HEST_CSV_COLUMNS} for meta in metadata.values()]
-    _atomic_write(root / "HEST_v1_1_0.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+    atomic_write(root / "HEST_v1_1_0.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     blocks = {sid: meta["nh2st_demo"] for sid, meta in metadata.items()}
     manifest = {
         "dataset": "demo", "generator": "nh2st.datasets.demo", "generator_version": GENERATOR_VERSION,
@@ -602,7 +591,7 @@ def generate_demo(root, seed: int = SEED, show_progress: bool = True) -> dict:
                     for sid, b in blocks.items()},
         "generated_now": todo, "generation_seconds": round(time.perf_counter() - started, 2),
     }
-    _atomic_write(root / "demo.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    atomic_write(root / "demo.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return manifest
 
 

@@ -46,8 +46,8 @@ VARIANTS = {   # name -> (model kind, config overrides)
     "nh2st:query+neighbors": ("nh2st", ["MODEL.predict_from=query+neighbors"]),
     "nh2st:no-neighbors": ("nh2st", ["MODEL.neighbor_branch=false"]),
 }
-LABELS = {"nh2st": "NH²2ST paper mode", "nh2st:query+neighbors": "NH²2ST predict_from=query+neighbors",
-          "nh2st:no-neighbors": "NH²2ST neighbor_branch=false"}
+LABELS = {"nh2st": "NH²2ST paper mode", "nh2st:query+neighbors": "NH²2ST query+neighbors",
+          "nh2st:no-neighbors": "NH²2ST no neighbor branch"}
 METRICS = ("pcc_mean", "pcc_per_slide", "R", "hvg50_pcc", "mse", "mae")
 
 
@@ -102,7 +102,7 @@ def results_table(results: dict, ceiling: dict | None, seeds: list[int]) -> Tabl
     table = Table(title=f"demo benchmark, default protocol, 3 folds, seeds {' '.join(map(str, seeds))} "
                         "(mean ± std over seeds of the fold mean)")
     for name in ("variant", "PCC", "PCC per slide", "R top-50", "HVG-50", "MSE", "MAE", "best epoch", "seconds"):
-        table.add_column(name, justify="left" if name == "variant" else "right")
+        table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=name == "variant")
     for variant, result in results.items():
         s = result["summary"]
         epochs = [f["best_epoch"] for seed in result["seeds"] for f in seed["folds"]]
@@ -115,7 +115,9 @@ def results_table(results: dict, ceiling: dict | None, seeds: list[int]) -> Tabl
     table.caption = ("PCC: mean over genes, pooled over each fold's test slides; PCC per slide: within-slide, mean "
                      "over test slides (comparable with the noise ceiling, which is per slide); R top-50: mean of "
                      "the 50 best genes (picked on test: optimistic); HVG-50: 50 most variable training genes; "
-                     "best epoch: mean selected epoch (0-based, on validation); seconds: 3 folds per seed")
+                     "best epoch: mean selected epoch (0-based, on validation); seconds: 3 folds per seed. "
+                     "query+neighbors: MODEL.predict_from=query+neighbors; no neighbor branch: "
+                     "MODEL.neighbor_branch=false")
     return table
 
 
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also save the results here")
     args = parser.parse_args(argv)
 
-    console = Console(width=None if sys.stdout.isatty() else 150)   # logs keep the table's columns
+    console = Console(width=None if sys.stdout.isatty() else 160)   # logs keep the table's columns
     ensure_store(args.store)
     tmp = tempfile.TemporaryDirectory(prefix="nh2st-quality-") if args.runs_dir is None else None
     runs_dir = Path(tmp.name) if tmp else args.runs_dir

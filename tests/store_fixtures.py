@@ -20,3 +20,13 @@ def write_spots(store, sample_id: str, maps: np.ndarray, counts: np.ndarray, gri
     if thumbnail is not None:
         writer.write_thumbnail(thumbnail, thumbnail_scale)
     writer.commit()
+
+
+def smooth_latent(rng, grid: tuple[int, int], latent: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """Spots on an nx x ny grid and a latent state per spot, smooth in space plus `noise`: (N, 2), (N, latent)."""
+    nx, ny = grid
+    gx, gy = np.meshgrid(np.arange(nx), np.arange(ny))
+    grid_xy = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.int64)
+    freq, phase = rng.uniform(0.3, 0.9, size=(latent, 2)), rng.uniform(0, 2 * np.pi, size=latent)
+    z = np.sin(grid_xy @ freq.T + phase) + noise * rng.normal(size=(len(grid_xy), latent))
+    return grid_xy, z

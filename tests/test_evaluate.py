@@ -18,7 +18,7 @@ from nh2st.errors import NH2STError
 from nh2st.evaluate import evaluate, evaluate_fold, load_predictions, resolve_run
 from nh2st.neighbors import knn_index
 from nh2st.store import EmbeddingStore, StoreMeta
-from store_fixtures import write_spots
+from store_fixtures import smooth_latent, write_spots
 from nh2st.training import train_fold
 
 torch.set_num_threads(2)
@@ -42,11 +42,7 @@ def build_store(path, shape=(16, 4, 4), genes=None, weights_sha256="0" * 64, gri
                      weights_sha256=weights_sha256, feature_shape=shape, neighbors_k=9)
     with EmbeddingStore.open_for_writing(path, meta) as store:
         for sample in SAMPLES:
-            nx, ny = grid
-            gx, gy = np.meshgrid(np.arange(nx), np.arange(ny))
-            grid_xy = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.int64)
-            freq, phase = rng.uniform(0.3, 0.9, size=(latent, 2)), rng.uniform(0, 2 * np.pi, size=latent)
-            z = np.sin(grid_xy @ freq.T + phase) + 0.2 * rng.normal(size=(len(grid_xy), latent))  # smooth in space
+            grid_xy, z = smooth_latent(rng, grid, latent, 0.2)
             channel = z @ loading
             maps = channel[:, :, None, None] + 0.05 * rng.normal(size=(len(z), *shape))
             counts = rng.poisson(np.exp(3.0 + 0.6 * z @ mixing)).astype(np.float32)

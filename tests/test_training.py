@@ -14,7 +14,7 @@ from nh2st.errors import NH2STError
 from nh2st.splits import folds
 from nh2st.store import EmbeddingStore, StoreMeta, load_spots
 from nh2st.training import FoldSpots, carve_validation, default_config_path, fit, load_trained, main, train_fold
-from store_fixtures import write_spots
+from store_fixtures import smooth_latent, write_spots
 
 torch.set_num_threads(2)
 
@@ -40,11 +40,7 @@ def build_store(path, seed=0, grid=(10, 8), shape=SHAPE, n_genes=N_GENES, latent
                      feature_shape=shape, neighbors_k=9)
     with EmbeddingStore.open_for_writing(path, meta) as store:
         for sample in SAMPLES:
-            nx, ny = grid
-            gx, gy = np.meshgrid(np.arange(nx), np.arange(ny))
-            grid_xy = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.int64)
-            freq, phase = rng.uniform(0.3, 0.9, size=(latent, 2)), rng.uniform(0, 2 * np.pi, size=latent)
-            z = np.sin(grid_xy @ freq.T + phase) + 0.3 * rng.normal(size=(len(grid_xy), latent))
+            grid_xy, z = smooth_latent(rng, grid, latent, 0.3)
             maps = 0.5 + np.einsum("nl,lchw->nchw", z, patterns) + 0.5 * rng.normal(size=(len(z), *shape))
             counts = rng.poisson(np.exp(1.5 + z @ mixing)).astype(np.float32)
             if sample in changed_samples:

@@ -83,8 +83,8 @@ class Predictor:
         if tuple(features.shape[1:]) != self.feature_shape:
             raise NH2STError(f"features of shape {tuple(features.shape)} do not match the run's "
                              f"(N, {', '.join(map(str, self.feature_shape))}); use a store made like the training one")
-        if len(neighbors) != len(features) or (neighbors.numel() and not
-                                               0 <= int(neighbors.min()) <= int(neighbors.max()) < len(features)):
+        index = neighbors.numpy()            # on the host (predict_tensor), so this never waits on a device
+        if len(neighbors) != len(features) or (index.size and not 0 <= index.min() <= index.max() < len(features)):
             raise NH2STError(f"neighbors {tuple(neighbors.shape)} must have one row per spot ({len(features)}) "
                              "and index rows of features")
 

@@ -34,7 +34,8 @@ def monitor_scores(pred: torch.Tensor, true: torch.Tensor, hvg=None, k: int = TO
     in_top = torch.arange(len(top), device=pcc.device) < finite.sum()
     values = [mse, finite_mean(pcc, finite), finite_mean(top, in_top)]
     if hvg is not None:
-        chosen = torch.as_tensor(hvg, dtype=torch.int64, device=pcc.device)
+        chosen = torch.as_tensor(hvg, dtype=torch.int64)
+        chosen = chosen.pin_memory().to(pcc.device, non_blocking=True) if pcc.is_cuda else chosen.to(pcc.device)
         values.append(finite_mean(pcc[chosen], finite[chosen]))
     out = [None if not math.isfinite(v) else v for v in torch.stack(values).tolist()]    # the one copy back
     return {"mse": out[0], "pcc_mean": out[1], "R": out[2], "hvg50_pcc": out[3] if hvg is not None else None}

@@ -22,8 +22,9 @@ from nh2st.devices import resolve_device
 from nh2st.errors import NH2STError
 from nh2st.model import NH2ST
 from nh2st.predictor import Predictor
-from nh2st.runs import (CHECKPOINT, MODEL_KINDS, PROTOCOLS, CONFIG, METRICS, RunInfo, begin_partial, fold_path, now, partial_path, plan_fold,
-                        promote, read_json, read_info, run_root, save_checkpoint, write_info, write_json)
+from nh2st.runs import (CHECKPOINT, CONFIG, LOG_JSON, METRICS, MODEL_KINDS, PROTOCOLS, RunInfo, begin_partial,
+                        fold_path, now, partial_path, plan_fold, promote, read_info, read_json, run_root,
+                        save_checkpoint, write_info, write_json)
 from nh2st.store import EmbeddingStore
 from nh2st.training.data import FoldSpots, fold_split_ids, store_folds
 from nh2st.training.loop import checkpoint_state, fit, rank_world, write_log
@@ -111,6 +112,8 @@ def train_fold(store, fold: int, cfg: Config | None = None, runs_dir="runs", pro
 
     def finish(status: str, **fields) -> None:
         if rank == 0:
+            if (run_dir / LOG_JSON).is_file() and "epochs_run" not in fields:
+                fields["epochs_run"] = len(read_json(run_dir / LOG_JSON, LOG_JSON))
             for key, value in {"status": status, "finished": now(), **fields}.items():
                 setattr(info, key, value)
             write_info(run_dir, info)

@@ -108,7 +108,8 @@ def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_scheduler.step_size, t.lr_scheduler.gamma)
-    monitor, mode = MONITORS[t.early_stopping.monitor]
+    monitor, natural = MONITORS[t.early_stopping.monitor]
+    mode = natural if t.early_stopping.mode == "auto" else t.early_stopping.mode     # validated to agree
     train_rows = spots.split["train"]
     if len(train_rows) == 0:
         raise NH2STError(f"{run_dir}: the fold has no training spots")

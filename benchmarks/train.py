@@ -159,45 +159,80 @@ def build(cfg, spots, device, seed: int = 0):
     return model, make_optimizer(model, cfg.TRAINING)
 
 
-def time_steps(cfg, spots, device, n_steps: int, kind: str = "new") -> dict:
-    """ms per step over n_steps steps (after a warm-up that also captures the CUDA graphs)."""
+def adam_floor(cfg, spots, device):
+    """A model whose parameters hold random gradients and its optimizer: step() is the Adam-only floor."""
     model, optimizer = build(cfg, spots, device)
-    batch = cfg.TRAINING.batch_size
-    rows = epoch_rows(len(spots.features), n_steps * batch, seed=1)
-    if kind == "legacy":
-        run = lambda r: legacy_epoch(model, spots, r, optimizer, cfg)    # noqa: E731
-        warm = rows[:3 * batch]
-    else:
-        stepper = TrainStep(model, spots, optimizer, cfg)
-        run = lambda r: stepper.epoch(r)                                  # noqa: E731
-        warm = rows if stepper.mode == "graph" else rows[:3 * batch]    # graphs are sized to the epoch's plan
-    run(warm)[0].item()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return optimizer
+
+
+def timed(fn, device) -> float:
     sync(device)
     started = time.perf_counter()
-    loss, steps = run(rows)
-    loss.item()
+    fn()
     sync(device)
-    seconds = time.perf_counter() - started
-    out = {"batch_size": batch, "kind": kind, "steps": steps, "ms_per_step": 1e3 * seconds / steps,
-           "spots_per_s": steps * batch / seconds}
-    if kind != "legacy":
-        out.update(mode=stepper.mode, captures=stepper.captures)
+    return time.perf_counter() - started
+
+
+def time_steps(cfg, spots, device, n_steps: int, adam_steps: int, rounds: int, legacy_steps: int) -> dict:
+    """ms per step of the new step, the Adam-only floor and (optionally) the old loop, measured in
+    interleaved rounds so that a shared machine's changing load hits all three alike."""
+    batch = cfg.TRAINING.batch_size
+    per = max(1, n_steps // rounds)
+    rows = epoch_rows(len(spots.features), (rounds + 1) * per * batch, seed=1)
+    model, optimizer = build(cfg, spots, device)
+    stepper = TrainStep(model, spots, optimizer, cfg)
+    floor = adam_floor(cfg, spots, device)
+    old = build(cfg, spots, device) if legacy_steps else None
+    chunk = lambda r: rows[r * per * batch:(r + 1) * per * batch]             # noqa: E731
+    stepper.epoch(chunk(0))[0].item()                   # warm-up; on CUDA it captures the graphs for `per` steps
+    floor.step()
+    if old:
+        legacy_epoch(old[0], spots, chunk(0)[:3 * batch], old[1], cfg)
+    seconds = {"new": 0.0, "adam": 0.0, "legacy": 0.0}
+    adam_per = max(1, adam_steps // rounds)
+    legacy_per = max(1, min(per, legacy_steps // rounds))
+    faults = 0
+    for r in range(1, rounds + 1):
+        before = minor_faults()
+        seconds["new"] += timed(lambda: stepper.epoch(chunk(r))[0].item(), device)
+        faults += minor_faults() - before
+        seconds["adam"] += timed(lambda: [floor.step() for _ in range(adam_per)], device)
+        if old:
+            seconds["legacy"] += timed(lambda: legacy_epoch(old[0], spots, chunk(r)[:legacy_per * batch], old[1],
+                                                            cfg)[0].item(), device)
+    out = {"batch_size": batch, "steps": rounds * per, "ms_per_step": 1e3 * seconds["new"] / (rounds * per),
+           "adam_ms": 1e3 * seconds["adam"] / (rounds * adam_per), "mode": stepper.mode, "captures": stepper.captures,
+           "legacy_ms_per_step": 1e3 * seconds["legacy"] / (rounds * legacy_per) if old else None,
+           "page_faults_per_step": faults / (rounds * per)}
+    out["spots_per_s"] = 1e3 * batch / out["ms_per_step"]
+    out["ratio_to_adam"] = out["ms_per_step"] / out["adam_ms"]
+    out["legacy_spots_per_s"] = 1e3 * batch / out["legacy_ms_per_step"] if old else None
     return out
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_legacy_cold(cfg, spots, device, n_steps: int) -> dict:
+    """The old loop in a process that has not yet run the new step, i.e. with glibc's default
+    allocator settings (nh2st.training.step.retain_freed_memory changes them for the process)."""
+    model, optimizer = build(cfg, spots, device)
+    batch = cfg.TRAINING.batch_size
+    rows = epoch_rows(len(spots.features), (n_steps + 2) * batch, seed=4)
+    legacy_epoch(model, spots, rows[:2 * batch], optimizer, cfg)
+    faults = minor_faults()
+    seconds = timed(lambda: legacy_epoch(model, spots, rows[2 * batch:], optimizer, cfg)[0].item(), device)
+    return {"ms_per_step": 1e3 * seconds / n_steps, "page_faults_per_step": (minor_faults() - faults) / n_steps}
 
 
 def time_adam(cfg, spots, device, n_steps: int) -> float:
     """ms of one optimizer step alone over the model's parameters (random gradients): the floor."""
-    model, optimizer = build(cfg, spots, device)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    for _ in range(3):
-        optimizer.step()
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(n_steps):
-        optimizer.step()
-    sync(device)
-    return 1e3 * (time.perf_counter() - started) / n_steps
+    floor = adam_floor(cfg, spots, device)
+    floor.step()
+    return 1e3 * timed(lambda: [floor.step() for _ in range(n_steps)], device) / n_steps
 
 
 def part_steps(args, device, console, results) -> None:
@@ -205,33 +240,38 @@ def part_steps(args, device, console, results) -> None:
     spots = synthetic_fold(args.spots, args.genes, TINY_SHAPE if args.tiny else (512, 7, 7), device)
     n_params = sum(p.numel() for p in NH2ST.from_config(cfg0.MODEL, args.genes,
                                                         tuple(spots.features.shape[1:])).parameters())
-    adam_ms = time_adam(cfg0, spots, device, args.adam_steps)
-    rows = []
-    for batch in args.batch_sizes:
-        cfg = make_config(args.config, args.tiny, f"TRAINING.batch_size={batch}")
-        new = time_steps(cfg, spots, device, args.steps)
-        legacy = time_steps(cfg, spots, device, args.legacy_steps, "legacy") if batch in args.legacy_batch_sizes \
-            else None
-        rows.append({**new, "adam_ms": adam_ms, "ratio_to_adam": new["ms_per_step"] / adam_ms,
-                     "legacy_ms_per_step": legacy and legacy["ms_per_step"],
-                     "legacy_spots_per_s": legacy and legacy["spots_per_s"]})
+    cold = None
+    if device.type == "cpu" and args.legacy_batch_sizes:     # before anything here runs the new step
+        cold_batch = min(args.legacy_batch_sizes)
+        cold = {"batch_size": cold_batch, **time_legacy_cold(make_config(args.config, args.tiny,
+                                                                         f"TRAINING.batch_size={cold_batch}"),
+                                                             spots, device, args.legacy_steps)}
+    rows = [time_steps(make_config(args.config, args.tiny, f"TRAINING.batch_size={batch}"), spots, device, args.steps,
+                       args.adam_steps, args.rounds, args.legacy_steps if batch in args.legacy_batch_sizes else 0)
+            for batch in args.batch_sizes]
     best = max(rows, key=lambda r: (r["spots_per_s"], -r["batch_size"]))
+    adam_ms = float(np.median([r["adam_ms"] for r in rows]))
     results["steps"] = {"device": str(device), "spots": args.spots, "params": n_params, "adam_ms": adam_ms,
-                        "rows": rows, "best_batch": best["batch_size"], "threads": torch.get_num_threads()}
+                        "rows": rows, "best_batch": best["batch_size"], "threads": torch.get_num_threads(),
+                        "rounds": args.rounds, "legacy_fresh_process": cold}
     table = Table(title=f"training step vs the Adam-only floor, {device}, {n_params / 1e6:.1f} M parameters, "
                         f"{args.spots} spots")
     for name in ("batch", "steps", "ms / step", "Adam-only ms", "ratio to Adam", "spots/s",
-                 "before: ms / step", "before: spots/s", "speed-up"):
+                 "before: ms / step", "speed-up"):
         table.add_column(name, justify="right")
     for r in rows:
         before = r["legacy_ms_per_step"]
-        table.add_row(str(r["batch_size"]), str(r["steps"]), f"{r['ms_per_step']:.2f}", f"{adam_ms:.2f}",
+        table.add_row(str(r["batch_size"]), str(r["steps"]), f"{r['ms_per_step']:.2f}", f"{r['adam_ms']:.2f}",
                       f"{r['ratio_to_adam']:.2f}", f"{r['spots_per_s']:,.0f}",
                       "" if before is None else f"{before:.2f}",
-                      "" if before is None else f"{r['legacy_spots_per_s']:,.0f}",
                       "" if before is None else f"{before / r['ms_per_step']:.2f}x")
-    table.caption = (f"step mode {rows[0].get('mode')}; 'before' is the per-batch torch.unique loop, same run. "
-                     f"Goal: ratio <= 1.5 on CPU, <= 2 on an H100/H200 at batch 8. Best batch: {best['batch_size']}")
+    table.caption = (f"step mode {rows[0]['mode']}; the three timings interleave in {args.rounds} rounds. 'before': "
+                     "the per-batch torch.unique loop, same process. Goal at batch 8: ratio <= 1.5 on CPU, <= 2 on "
+                     f"an H100/H200. Best batch: {best['batch_size']}. Page faults per step (new): "
+                     f"{rows[0]['page_faults_per_step']:,.0f}")
+    if cold:
+        table.caption += (f". The old loop in a fresh process (glibc defaults), batch {cold['batch_size']}: "
+                          f"{cold['ms_per_step']:.1f} ms/step, {cold['page_faults_per_step']:,.0f} page faults/step")
     console.print(table)
 
 
@@ -571,7 +611,8 @@ def main(argv=None) -> int:
     parser.add_argument("--genes", type=int, default=250)
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=None, help="CPU: 8; CUDA: 8 32 128 512 2048")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per batch size (CPU 200, CUDA 400)")
-    parser.add_argument("--adam-steps", type=int, default=None, help="timed Adam-only steps (CPU 30, CUDA 200)")
+    parser.add_argument("--adam-steps", type=int, default=None, help="timed Adam-only steps (CPU 40, CUDA 200)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds (new, Adam, old)")
     parser.add_argument("--legacy-steps", type=int, default=None, help="timed steps of the old loop (CPU 40, CUDA 200)")
     parser.add_argument("--legacy-batch-sizes", type=int, nargs="*", default=[8, 128])
     parser.add_argument("--profile-batch", type=int, default=8)
@@ -591,7 +632,7 @@ def main(argv=None) -> int:
     args.spots = args.spots or (4096 if cuda else 512)
     args.batch_sizes = args.batch_sizes or ([8, 32, 128, 512, 2048] if cuda else [8])
     args.steps = args.steps or (400 if cuda else 200)
-    args.adam_steps = args.adam_steps or (200 if cuda else 30)
+    args.adam_steps = args.adam_steps or (200 if cuda else 40)
     args.legacy_steps = args.legacy_steps or (200 if cuda else 40)
     args.profile_steps = args.profile_steps or (100 if cuda else 16)
     parts = {"steps", "profile", "parity", "released", "zen"} if args.parts == "all" else set(args.parts.split(","))

@@ -167,11 +167,19 @@ def adam_floor(cfg, spots, device):
     return optimizer
 
 
-def timed(fn, device) -> float:
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn, device, cpu: list | None = None) -> float:
+    """Wall seconds of fn(); the process's CPU seconds (all threads, user + system) are added to cpu[0]."""
     sync(device)
-    started = time.perf_counter()
+    started, used = time.perf_counter(), cpu_seconds()
     fn()
     sync(device)
+    if cpu is not None:
+        cpu[0] += cpu_seconds() - used
     return time.perf_counter() - started
 
 
@@ -191,21 +199,26 @@ def time_steps(cfg, spots, device, n_steps: int, adam_steps: int, rounds: int, l
     if old:
         legacy_epoch(old[0], spots, chunk(0)[:3 * batch], old[1], cfg)
     seconds = {"new": 0.0, "adam": 0.0, "legacy": 0.0}
+    cpu = {"new": [0.0], "adam": [0.0], "legacy": [0.0]}
     adam_per = max(1, adam_steps // rounds)
     legacy_per = max(1, min(per, legacy_steps // rounds))
     faults = 0
     for r in range(1, rounds + 1):
         before = minor_faults()
-        seconds["new"] += timed(lambda: stepper.epoch(chunk(r))[0].item(), device)
+        seconds["new"] += timed(lambda: stepper.epoch(chunk(r))[0].item(), device, cpu["new"])
         faults += minor_faults() - before
-        seconds["adam"] += timed(lambda: [floor.step() for _ in range(adam_per)], device)
+        seconds["adam"] += timed(lambda: [floor.step() for _ in range(adam_per)], device, cpu["adam"])
         if old:
             seconds["legacy"] += timed(lambda: legacy_epoch(old[0], spots, chunk(r)[:legacy_per * batch], old[1],
-                                                            cfg)[0].item(), device)
+                                                            cfg)[0].item(), device, cpu["legacy"])
     out = {"batch_size": batch, "steps": rounds * per, "ms_per_step": 1e3 * seconds["new"] / (rounds * per),
            "adam_ms": 1e3 * seconds["adam"] / (rounds * adam_per), "mode": stepper.mode, "captures": stepper.captures,
            "legacy_ms_per_step": 1e3 * seconds["legacy"] / (rounds * legacy_per) if old else None,
-           "page_faults_per_step": faults / (rounds * per)}
+           "page_faults_per_step": faults / (rounds * per),
+           "cpu_ms_per_step": 1e3 * cpu["new"][0] / (rounds * per),
+           "adam_cpu_ms": 1e3 * cpu["adam"][0] / (rounds * adam_per),
+           "legacy_cpu_ms_per_step": 1e3 * cpu["legacy"][0] / (rounds * legacy_per) if old else None}
+    out["cpu_ratio_to_adam"] = out["cpu_ms_per_step"] / out["adam_cpu_ms"]
     out["spots_per_s"] = 1e3 * batch / out["ms_per_step"]
     out["ratio_to_adam"] = out["ms_per_step"] / out["adam_ms"]
     out["legacy_spots_per_s"] = 1e3 * batch / out["legacy_ms_per_step"] if old else None
@@ -223,9 +236,10 @@ def time_legacy_cold(cfg, spots, device, n_steps: int) -> dict:
     batch = cfg.TRAINING.batch_size
     rows = epoch_rows(len(spots.features), (n_steps + 2) * batch, seed=4)
     legacy_epoch(model, spots, rows[:2 * batch], optimizer, cfg)
-    faults = minor_faults()
-    seconds = timed(lambda: legacy_epoch(model, spots, rows[2 * batch:], optimizer, cfg)[0].item(), device)
-    return {"ms_per_step": 1e3 * seconds / n_steps, "page_faults_per_step": (minor_faults() - faults) / n_steps}
+    faults, cpu = minor_faults(), [0.0]
+    seconds = timed(lambda: legacy_epoch(model, spots, rows[2 * batch:], optimizer, cfg)[0].item(), device, cpu)
+    return {"ms_per_step": 1e3 * seconds / n_steps, "cpu_ms_per_step": 1e3 * cpu[0] / n_steps,
+            "page_faults_per_step": (minor_faults() - faults) / n_steps}
 
 
 def time_adam(cfg, spots, device, n_steps: int) -> float:
@@ -256,22 +270,27 @@ def part_steps(args, device, console, results) -> None:
                         "rounds": args.rounds, "legacy_fresh_process": cold}
     table = Table(title=f"training step vs the Adam-only floor, {device}, {n_params / 1e6:.1f} M parameters, "
                         f"{args.spots} spots")
+    cpu = device.type == "cpu"
     for name in ("batch", "steps", "ms / step", "Adam-only ms", "ratio to Adam", "spots/s",
-                 "before: ms / step", "speed-up"):
+                 "before: ms / step", "speed-up", *(["CPU-time ratio to Adam", "before: CPU-time ratio"] if cpu else [])):
         table.add_column(name, justify="right")
     for r in rows:
         before = r["legacy_ms_per_step"]
         table.add_row(str(r["batch_size"]), str(r["steps"]), f"{r['ms_per_step']:.2f}", f"{r['adam_ms']:.2f}",
                       f"{r['ratio_to_adam']:.2f}", f"{r['spots_per_s']:,.0f}",
                       "" if before is None else f"{before:.2f}",
-                      "" if before is None else f"{before / r['ms_per_step']:.2f}x")
+                      "" if before is None else f"{before / r['ms_per_step']:.2f}x",
+                      *([f"{r['cpu_ratio_to_adam']:.2f}",
+                         "" if before is None else f"{r['legacy_cpu_ms_per_step'] / r['adam_cpu_ms']:.2f}"]
+                        if cpu else []))
     table.caption = (f"step mode {rows[0]['mode']}; the three timings interleave in {args.rounds} rounds. 'before': "
                      "the per-batch torch.unique loop, same process. Goal at batch 8: ratio <= 1.5 on CPU, <= 2 on "
                      f"an H100/H200. Best batch: {best['batch_size']}. Page faults per step (new): "
                      f"{rows[0]['page_faults_per_step']:,.0f}")
     if cold:
         table.caption += (f". The old loop in a fresh process (glibc defaults), batch {cold['batch_size']}: "
-                          f"{cold['ms_per_step']:.1f} ms/step, {cold['page_faults_per_step']:,.0f} page faults/step")
+                          f"{cold['ms_per_step']:.1f} ms/step ({cold['cpu_ms_per_step']:.1f} ms CPU time), "
+                          f"{cold['page_faults_per_step']:,.0f} page faults/step; CPU time counts every thread")
     console.print(table)
 
 
@@ -609,6 +628,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="16x4x4 maps and small heads: a smoke test")
     parser.add_argument("--spots", type=int, default=None, help="spots of the synthetic fold (CPU 512, CUDA 4096)")
     parser.add_argument("--genes", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=None, help="CPU: 8; CUDA: 8 32 128 512 2048")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per batch size (CPU 200, CUDA 400)")
     parser.add_argument("--adam-steps", type=int, default=None, help="timed Adam-only steps (CPU 40, CUDA 200)")
@@ -627,6 +647,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write every figure here (rewritten after each part)")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     args.spots = args.spots or (4096 if cuda else 512)

@@ -251,6 +251,19 @@ def _kill_points(steps, until: str | None = None) -> list[int]:
     return points
 
 
+def _readable_or_refused(path):
+    """A killed store is either read whole (every complete sample) or refused with an NH2STError."""
+    try:
+        store = EmbeddingStore.open(path)
+    except NH2STError:
+        return None
+    for sid in store.sample_ids():
+        store.read_sample(sid)
+    for sid in store.all_sample_ids():
+        store.sample_attrs(sid)
+    return store
+
+
 @pytest.mark.parametrize("scenario", ["create", "overwrite", "redo"])
 def test_a_kill_at_any_step_leaves_a_store_the_next_run_repairs(tmp_path, scenario):
     other = StoreMeta(**{**META.to_dict(), "weights_sha256": "fff"})

@@ -397,11 +397,7 @@ class EmbeddingStore:
         if state == "foreign":
             raise NH2STError(f"{path}: folder exists and is not an nh2st store; choose another --store")
         if state == "store" and not overwrite:
-            existing, wanted = cls.open(path).meta.identity(), meta.identity()
-            differ = [k for k in wanted if wanted[k] != existing.get(k)]
-            if differ:
-                raise NH2STError(f"{path}: store was made with other {', '.join(differ)}; "
-                                 "pass --overwrite to rebuild it, or choose another --store")
+            cls.open(path).check_identity(meta)
             if not (path / "samples" / "zarr.json").is_file():  # a kill inside older nh2st's creation
                 zarr.create_group(str(path / "samples"))
             return
@@ -444,6 +440,14 @@ class EmbeddingStore:
         with _store_lock(path, exclusive=True):
             cls._clear(path)
         _empty_trash(path)
+
+    def check_identity(self, meta: StoreMeta) -> None:
+        """NH2STError unless features made as `meta` says may join this store's."""
+        existing, wanted = self.meta.identity(), meta.identity()
+        differ = [k for k in wanted if wanted[k] != existing.get(k)]
+        if differ:
+            raise NH2STError(f"{self.path}: store was made with other {', '.join(differ)}; "
+                             "pass --overwrite to rebuild it, or choose another --store")
 
     # ---- reading -------------------------------------------------------------------------------
     def _samples_group(self) -> zarr.Group:

@@ -202,16 +202,23 @@ def test_sigkill_mid_sample_then_resume(hest_root, tmp_path):
     np.testing.assert_allclose(stored["features"].astype(np.float32), maps.astype(np.float32), rtol=1e-2, atol=2e-3)
 
 
-def test_second_extract_refuses_while_first_runs(hest_root, tmp_path):
+def test_second_extract_is_refused_at_once_while_first_runs(hest_root, tmp_path, monkeypatch):
     store_path = tmp_path / "zen.zarr"
+    run_extract("zen", data_root=hest_root, store_path=store_path, weights="random", samples=["ZEN42"],
+                device="cpu", progress=False)
     proc = _cli("extract", "--dataset", "zen", "--data-root", hest_root, "--store", store_path, "--weights",
                 "random", "--device", "cpu", "--samples", "ZEN41")
-    lock = store_path / ".lock"
-    _wait_for(lambda: lock.exists() and "pid" in lock.read_text(), proc)
+    claim = store_path / ".claims" / "ZEN41"
+    _wait_for(lambda: claim.exists() and "pid" in claim.read_text(), proc)
     try:
-        with pytest.raises(NH2STError, match=r"being written by pid \d+"):
-            run_extract("zen", data_root=hest_root, store_path=store_path, weights="random", samples=["ZEN41"],
-                        device="cpu", progress=False)
+        # refused before its encoder loads: the claim is tried first
+        monkeypatch.setattr("nh2st.extract.FrozenEncoder", lambda *a, **k: pytest.fail("encoder loaded"))
+        with pytest.raises(NH2STError, match=rf"ZEN41 is being written by pid {proc.pid} on "):
+            run_extract("zen", data_root=hest_root, store_path=store_path, weights="random",
+                        samples=["ZEN42", "ZEN41"], device="cpu", progress=False)
+        described = describe_store(store_path)
+        assert [(s["id"], s["writer"] is not None) for s in described["samples"]] == [("ZEN41", True),
+                                                                                       ("ZEN42", False)]
         assert proc.poll() is None  # the first one carries on
     finally:
         proc.kill()

@@ -312,7 +312,7 @@ def _extract_sample(spec, root, sample_id, genes, allow_missing_genes, store, en
              sample.n_spots / seconds)
     return {"id": sample_id, "status": "extracted", "n_spots": sample.n_spots, "seconds": seconds,
             "patches_per_s": sample.n_spots / seconds, "device": str(encoder.device),
-            "precision": str(encoder.dtype).removeprefix("torch.")}
+            "precision": str(encoder.dtype).removeprefix("torch."), "writer": store.claims.holder(sample_id)}
 
 
 # ---- several encoders: a dask.distributed cluster, one task per sample ----------------------------

@@ -404,7 +404,10 @@ class EmbeddingStore:
         if state == "store":  # and overwrite
             cls._clear(path)
         elif state == "unfinished":
-            cls._clear(path)
+            # Nobody writes into an unfinished store (begin_sample checks the root under the store
+            # lock, and a store is only emptied while no claim is held), so its claims are writers
+            # that claimed first and wait for it to exist: clear it under them.
+            cls._clear(path, refuse_if_claimed=False)
         # The root's zarr.json, written in one atomic write with its nh2st attribute, comes last:
         # until it exists the folder is 'unfinished', which the next writer clears and redoes.
         zarr.create_group(str(path / "samples"))
@@ -413,9 +416,9 @@ class EmbeddingStore:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
 
     @classmethod
-    def _clear(cls, path: Path) -> None:
+    def _clear(cls, path: Path, refuse_if_claimed: bool = True) -> None:
         """Under the exclusive store lock: empty a store for a rebuild, atomically in effect."""
-        busy = SampleClaims(path).holders()
+        busy = SampleClaims(path).holders() if refuse_if_claimed else {}
         if busy:
             sid, who = next(iter(busy.items()))
             raise NH2STError(f"{path}: store is being written by {who} (sample {sid}); wait for it to finish "

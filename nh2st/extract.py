@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 NEIGHBORS_K = 9
 THUMBNAIL_SIZE = 1024
+SCHEDULER_TIMEOUT = "20s"  # to connect to a --scheduler
 
 
 class RateColumn(ProgressColumn):
@@ -323,7 +324,7 @@ def _run_on_cluster(job: ExtractJob, sample_ids: list[str], device: str, devices
     from distributed import Client, KilledWorker, LocalCluster, as_completed  # only these runs need it
 
     rows: dict[str, dict] = {}
-    state = store_state(job.store_path)
+    existing, state = None, store_state(job.store_path)
     if state == "store" and overwrite:
         EmbeddingStore.clear(job.store_path)  # the first task to finish loading its encoder creates it anew
     elif state == "store":
@@ -341,11 +342,13 @@ def _run_on_cluster(job: ExtractJob, sample_ids: list[str], device: str, devices
         if devices:
             cluster = LocalCluster(n_workers=len(devices), threads_per_worker=1, processes=True,
                                    dashboard_address=None, silence_logs=logging.ERROR)
-        try:
-            client = Client(cluster if cluster is not None else scheduler, timeout="30s")
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise NH2STError(f"--scheduler {scheduler}: cannot reach a dask scheduler there ({exc}); start one "
-                             "with `dask scheduler` and workers with `dask worker ADDRESS`") from None
+            client = Client(cluster)
+        else:
+            try:
+                client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+            except (OSError, ValueError) as exc:
+                raise NH2STError(f"--scheduler {scheduler}: cannot reach a dask scheduler there ({exc}); start "
+                                 "one with `dask scheduler` and workers with `dask worker ADDRESS`") from None
         bar = make_progress(transient=True)
         bar.disable = not progress
         with client, bar:

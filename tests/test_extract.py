@@ -354,7 +354,7 @@ def test_gpus_one_encoder_per_device_and_a_worker_killed_mid_sample(tiny_root, t
     _assert_same_store(store_path, tiny_reference)
 
 
-def test_cli_gpus_and_scheduler_flags(hest_root, tmp_path):
+def test_cli_gpus_and_scheduler_flags(hest_root, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -366,4 +366,8 @@ def test_cli_gpus_and_scheduler_flags(hest_root, tmp_path):
     if not torch.cuda.is_available():
         result = CliRunner().invoke(app, base + ["--gpus", "0", "1"])
         assert isinstance(result.exception, NH2STError) and "cuda:0: no CUDA GPU" in str(result.exception)
+    monkeypatch.setattr("nh2st.extract.SCHEDULER_TIMEOUT", "1s")
+    result = CliRunner().invoke(app, base + ["--scheduler", "tcp://127.0.0.1:1"])
+    assert isinstance(result.exception, NH2STError)
+    assert "--scheduler tcp://127.0.0.1:1: cannot reach a dask scheduler" in str(result.exception)
     assert not (tmp_path / "s.zarr").exists()

@@ -252,15 +252,20 @@ def _kill_points(steps, until: str | None = None) -> list[int]:
 
 
 def _readable_or_refused(path):
-    """A killed store is either read whole (every complete sample) or refused with an NH2STError."""
+    """A killed store is either read whole (every complete sample, and what `nh2st info` shows) or
+    refused with an NH2STError."""
+    from nh2st.extract import describe_store
+
     try:
         store = EmbeddingStore.open(path)
     except NH2STError:
+        with pytest.raises(NH2STError):
+            describe_store(path)
         return None
     for sid in store.sample_ids():
         store.read_sample(sid)
-    for sid in store.all_sample_ids():
-        store.sample_attrs(sid)
+    described = describe_store(path)
+    assert [s["id"] for s in described["samples"] if s["complete"]] == store.sample_ids()
     return store
 
 
@@ -317,7 +322,7 @@ def test_store_left_by_older_kills_is_repaired(tmp_path):
         EmbeddingStore.open(bare)
     no_samples = tmp_path / "no-samples.zarr"
     zarr.create_group(str(no_samples), attributes={"nh2st": META.to_dict()})
-    assert EmbeddingStore.open(no_samples).sample_ids() == []
+    assert EmbeddingStore.open(no_samples).sample_ids() == [] and _readable_or_refused(no_samples) is not None
     for path in (bare, no_samples):
         with EmbeddingStore.open_for_writing(path, META) as store:
             write_sample(store, "S1", 4)

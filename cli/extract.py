@@ -69,7 +69,8 @@ def register(app: typer.Typer) -> None:
                           f"{row['n_spots']:,}" if row["n_spots"] is not None else "",
                           f"{row['seconds']:.1f}" if extracted else "", f"{row['patches_per_s']:.0f}" if extracted else "")
         if summary["spots_extracted"]:
-            table.caption = (f"{summary['spots_extracted']:,} spots at {summary['patches_per_s'] or 0:.0f} patches/s on "
+            rate = summary["patches_per_s"] or 0
+            table.caption = (f"{summary['spots_extracted']:,} spots at {rate:.0f} patches/s on "
                              f"{summary['device']} ({summary['precision']}), weights {summary['weights']}; "
                              f"store {_size(summary['store_bytes'])}")
         Console().print(table)

@@ -224,7 +224,8 @@ def _up_to_date(job: ExtractJob, store: EmbeddingStore, rows: dict[str, dict]) -
 def _busy(sample_ids: list[str], claims: SampleClaims) -> NH2STError:
     holders = {sid: claims.holder(sid) or "another writer" for sid in sample_ids}
     if len(set(holders.values())) == 1:
-        said = f"{', '.join(holders)} {'is' if len(holders) == 1 else 'are'} being written by {next(iter(holders.values()))}"
+        verb = "is" if len(holders) == 1 else "are"
+        said = f"{', '.join(holders)} {verb} being written by {next(iter(holders.values()))}"
     else:
         said = "; ".join(f"{sid} is being written by {who}" for sid, who in holders.items())
     return NH2STError(f"{claims.store_path}: {said}; wait for it to finish or write to another --store")
@@ -234,7 +235,7 @@ def _run_here(job: ExtractJob, sample_ids: list[str], device: str, overwrite: bo
               progress: bool) -> tuple[dict[str, dict], dict]:
     """One process, one encoder, samples in order; returns ({sample id: row}, the encoder's setup)."""
     rows: dict[str, dict] = {}
-    claims = SampleClaims(job.store_path)
+    spec, claims = get_dataset(job.dataset), SampleClaims(job.store_path)
     todo, first = list(sample_ids), None
     if store_state(job.store_path) == "store":
         if not overwrite:
@@ -264,7 +265,7 @@ def _run_here(job: ExtractJob, sample_ids: list[str], device: str, overwrite: bo
                 else:
                     with claim:  # complete by now if another writer finished it meanwhile
                         rows[sid] = _skipped(store, sid) if store.is_complete(sid) else _timed(
-                            _extract_sample, get_dataset(job.dataset), job.root, sid, list(job.genes), job.allow_missing_genes,
+                            _extract_sample, spec, job.root, sid, list(job.genes), job.allow_missing_genes,
                             store, encoder, pool, workers, batch_size, bar)
                 bar.advance(overall)
     finally:

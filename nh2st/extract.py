@@ -5,8 +5,15 @@
 For each sample not yet complete in the store: load it through its reader, compute the targets
 (nh2st.expression) and the neighbour index (nh2st.neighbors), then stream its patches through
 the encoder in batches while a thread pool crops the next batches and a writer thread compresses
-the previous one; the sample is marked complete last. The store's lock keeps a second writer out;
-complete samples are skipped, so a killed run resumes where it stopped.
+the previous one; the sample is marked complete last. Each sample is claimed in the store before it
+is written (nh2st.store.SampleClaims), so several writers share a store, one per sample; complete
+samples are skipped, so a killed run resumes where it stopped.
+
+Three ways to run: one process and one encoder (the default); `devices=[...]` (`--gpus`), one
+encoder per device, each in its own dask worker process on this machine; `scheduler=ADDRESS`
+(`--scheduler`), a dask.distributed cluster, one task per sample, the store on a filesystem every
+worker shares. dask reruns a task whose worker died; the rerun finds the dead worker's claim free
+and its half-written sample, which it deletes and redoes.
 
 The run's summary is returned and saved as JSON in `<store>/extract.json` (the last run's).
 """
@@ -14,9 +21,12 @@ The run's summary is returned and saved as JSON in `<store>/extract.json` (the l
 import json
 import logging
 import os
+import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +40,13 @@ from nh2st.errors import NH2STError
 from nh2st.expression import NORMALISATION, process_expression
 from nh2st.neighbors import knn_index
 from nh2st.progress import make_progress
-from nh2st.store import EmbeddingStore, StoreMeta
+from nh2st.store import SUMMARY_FILE, EmbeddingStore, SampleClaims, StoreMeta, store_state
 
 log = logging.getLogger(__name__)
 
 NEIGHBORS_K = 9
 THUMBNAIL_SIZE = 1024
-SUMMARY_FILE = "extract.json"
+SCHEDULER_TIMEOUT = "20s"  # to connect to a --scheduler
 
 
 class RateColumn(ProgressColumn):
@@ -105,17 +115,53 @@ def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecut
             write.result()
 
 
+@dataclass(frozen=True)
+class ExtractJob:
+    """What every writer of one extraction needs; picklable, so dask workers receive it whole."""
+
+    dataset: str
+    root: Path
+    store_path: Path
+    weights: str
+    genes: tuple[str, ...]
+    allow_missing_genes: bool = False
+    batch_size: int | None = None
+    workers: int | None = None       # crop threads per encoder; None: chosen per device
+    encoders_per_machine: int = 1    # encoders sharing this machine's cores (--gpus)
+
+    def meta(self, encoder: FrozenEncoder) -> StoreMeta:
+        return StoreMeta(dataset=self.dataset, genes=self.genes, backbone=encoder.name, weights=encoder.weights,
+                         weights_sha256=encoder.weights_sha256, patch_size=encoder.patch_size,
+                         feature_shape=encoder.feature_shape, neighbors_k=NEIGHBORS_K,
+                         normalisation=dict(NORMALISATION))
+
+    def batch_and_workers(self, encoder: FrozenEncoder) -> tuple[int, int]:
+        if self.workers is not None:
+            return self.batch_size or encoder.default_batch_size, self.workers
+        # A GPU forward outruns one crop thread by far (JPEG tile decoding); on CPU the crop threads
+        # share the cores with the forward, which needs most of them.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        cores = max(1, cores // self.encoders_per_machine)
+        workers = min(32, cores) if encoder.device.type == "cuda" else min(4, max(2, cores // 4))
+        return self.batch_size or encoder.default_batch_size, workers
+
+
 def run_extract(dataset: str, data_root=None, store_path=None, weights=None, samples=None,
                 device: str = "auto", batch_size: int | None = None, overwrite: bool = False,
                 allow_missing_genes: bool = False, workers: int | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True,
+                devices: list[str] | None = None,
+                scheduler: str | None = None) -> dict:
     """Build or complete the embedding store of `dataset`; returns (and saves) a run summary.
 
     data_root: default the dataset's (`data/...`); store_path: default `stores/<dataset>.zarr`;
     weights: checkpoint path or `random[:seed=N]` (default: weights/tenpercent_resnet18.ckpt,
     `random` for the demo); samples: sample ids overriding the dataset's list.
-    Samples already complete in the store are skipped; a store made with other weights, genes or
-    patch size is refused unless `overwrite`.
+    Samples already complete in the store are skipped, and so are samples another writer is
+    writing (status "claimed"); a store made with other weights, genes or patch size is refused
+    unless `overwrite`. devices: one encoder per device (`["cuda:0", "cuda:1"]`), each in a worker
+    process of a local dask cluster; scheduler: address of a dask.distributed scheduler whose
+    workers share the data, weights and store paths.
     """
     spec = get_dataset(dataset)
     root = Path(data_root if data_root is not None else spec.data_root)
@@ -124,61 +170,120 @@ def run_extract(dataset: str, data_root=None, store_path=None, weights=None, sam
     sample_ids = list(dict.fromkeys(samples)) if samples else spec.find_samples(root)
     if not sample_ids:
         raise NH2STError(f"{root}: no {spec.name} samples found; check --data-root or pass --samples")
-    encoder = FrozenEncoder(weights if weights is not None else default_weights(spec.name), device)
-    batch_size = batch_size or encoder.default_batch_size
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise NH2STError(f"--batch-size {batch_size}: must be at least 1")
-    if workers is None:
-        # A GPU forward outruns one crop thread by far (JPEG tile decoding); on CPU the crop threads
-        # share the cores with the forward, which needs most of them.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-        workers = min(32, cores) if encoder.device.type == "cuda" else min(4, max(2, cores // 4))
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise NH2STError(f"--workers {workers}: must be at least 1")
-    meta = StoreMeta(dataset=spec.name, genes=tuple(genes), backbone=encoder.name, weights=encoder.weights,
-                     weights_sha256=encoder.weights_sha256, patch_size=encoder.patch_size,
-                     feature_shape=encoder.feature_shape, neighbors_k=NEIGHBORS_K,
-                     normalisation=dict(NORMALISATION))
+    if devices and scheduler:
+        raise NH2STError("--gpus and --scheduler: pick one (a cluster's workers each use their own device)")
+    job = ExtractJob(dataset=spec.name, root=root, store_path=store_path,
+                     weights=str(weights if weights is not None else default_weights(spec.name)),
+                     genes=tuple(genes), allow_missing_genes=allow_missing_genes, batch_size=batch_size,
+                     workers=workers, encoders_per_machine=len(devices) if devices else 1)
     started = time.time()
-    rows = []
-    with EmbeddingStore.open_for_writing(store_path, meta, overwrite=overwrite) as store:
-        todo = [s for s in sample_ids if not store.is_complete(s)]
-        for sid in sample_ids:
-            if sid not in todo:
-                rows.append({"id": sid, "status": "skipped", "n_spots": store.n_spots(sid)})
-        if not todo:
-            log.info("%s: all %d samples already complete, nothing to do", store_path, len(sample_ids))
-        else:
-            bar = make_progress(RateColumn(), transient=True)
-            bar.disable = not progress
-            with ThreadPoolExecutor(workers, thread_name_prefix="nh2st-crop") as pool, bar:
-                overall = bar.add_task("samples", total=len(todo))
-                for sid in todo:
-                    rows.append(_extract_sample(spec, root, sid, genes, allow_missing_genes, store, encoder,
-                                                pool, workers, batch_size, bar))
-                    bar.advance(overall)
-        order = {sid: i for i, sid in enumerate(sample_ids)}
-        rows.sort(key=lambda r: order[r["id"]])
-        done = [r for r in rows if r["status"] == "extracted"]
-        spots = sum(r["n_spots"] for r in done)
-        encode_seconds = sum(r["seconds"] for r in done)
-        summary = {
-            "dataset": spec.name, "store": str(store_path), "data_root": str(root),
-            "backbone": encoder.name, "weights": encoder.weights, "weights_sha256": encoder.weights_sha256,
-            "device": str(encoder.device), "precision": str(encoder.dtype).removeprefix("torch."),
-            "batch_size": batch_size, "workers": workers,
-            "up_to_date": not done, "samples": rows,
-            "n_extracted": len(done), "n_skipped": len(rows) - len(done), "spots_extracted": spots,
-            "patches_per_s": spots / encode_seconds if encode_seconds else None,
-            "seconds": time.time() - started, "store_bytes": disk_bytes(store_path),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic_write(store_path / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    if devices or scheduler:
+        rows, setup = _run_on_cluster(job, sample_ids, device, devices, scheduler, overwrite, progress)
+    else:
+        rows, setup = _run_here(job, sample_ids, device, overwrite, progress)
+    rows = [rows[sid] for sid in sample_ids]
+    done = [r for r in rows if r["status"] == "extracted"]
+    spots = sum(r["n_spots"] for r in done)
+    # wall time from the first sample's start to the last one's end: several encoders overlap
+    window = max(r["finished_at"] for r in done) - min(r["started_at"] for r in done) if done else 0.0
+    meta = EmbeddingStore.open(store_path).meta
+    summary = {
+        "dataset": spec.name, "store": str(store_path), "data_root": str(root),
+        "backbone": meta.backbone, "weights": meta.weights, "weights_sha256": meta.weights_sha256,
+        "device": ", ".join(dict.fromkeys(r["device"] for r in done)) or setup.get("device"),
+        "precision": ", ".join(dict.fromkeys(r["precision"] for r in done)) or setup.get("precision"),
+        "batch_size": setup.get("batch_size", batch_size), "workers": setup.get("workers", workers),
+        "devices": list(devices) if devices else None, "scheduler": scheduler,
+        "up_to_date": all(r["status"] == "skipped" for r in rows), "samples": rows,
+        "n_extracted": len(done), "n_skipped": sum(r["status"] == "skipped" for r in rows),
+        "n_claimed": sum(r["status"] == "claimed" for r in rows), "spots_extracted": spots,
+        "patches_per_s": spots / window if window > 0 else None,
+        "seconds": time.time() - started, "store_bytes": disk_bytes(store_path),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write(store_path / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     return summary
+
+
+def _skipped(store: EmbeddingStore, sample_id: str) -> dict:
+    return {"id": sample_id, "status": "skipped", "n_spots": store.n_spots(sample_id)}
+
+
+def _up_to_date(job: ExtractJob, store: EmbeddingStore, rows: dict[str, dict]) -> tuple[dict[str, dict], dict]:
+    """Nothing to extract, provided the store was made as this run would make it (the weights'
+    checksum needs the encoder, on the CPU: no device is set up for nothing)."""
+    store.check_identity(job.meta(FrozenEncoder(job.weights, "cpu")))
+    log.info("%s: all %d samples already complete, nothing to do", job.store_path, len(rows))
+    return rows, {}
+
+
+def _busy(sample_ids: list[str], claims: SampleClaims) -> NH2STError:
+    holders = {sid: claims.holder(sid) or "another writer" for sid in sample_ids}
+    if len(set(holders.values())) == 1:
+        verb = "is" if len(holders) == 1 else "are"
+        said = f"{', '.join(holders)} {verb} being written by {next(iter(holders.values()))}"
+    else:
+        said = "; ".join(f"{sid} is being written by {who}" for sid, who in holders.items())
+    return NH2STError(f"{claims.store_path}: {said}; wait for it to finish or write to another --store")
+
+
+def _run_here(job: ExtractJob, sample_ids: list[str], device: str, overwrite: bool,
+              progress: bool) -> tuple[dict[str, dict], dict]:
+    """One process, one encoder, samples in order; returns ({sample id: row}, the encoder's setup)."""
+    rows: dict[str, dict] = {}
+    spec, claims = get_dataset(job.dataset), SampleClaims(job.store_path)
+    todo, first = list(sample_ids), None
+    if store_state(job.store_path) == "store":
+        if not overwrite:
+            existing = EmbeddingStore.open(job.store_path)
+            rows = {sid: _skipped(existing, sid) for sid in sample_ids if existing.is_complete(sid)}
+            todo = [sid for sid in sample_ids if sid not in rows]
+            if not todo:
+                return _up_to_date(job, existing, rows)
+        # Claim before loading the encoder (seconds on a GPU): a writer that finds every sample
+        # left taken by other writers is refused at once.
+        first = next((claim for claim in map(claims.try_claim, todo) if claim is not None), None)
+        if first is None:
+            raise _busy(todo, claims)
+    try:
+        encoder = FrozenEncoder(job.weights, device)
+        batch_size, workers = job.batch_and_workers(encoder)
+        bar = make_progress(RateColumn(), transient=True)
+        bar.disable = not progress
+        with EmbeddingStore.open_for_writing(job.store_path, job.meta(encoder), overwrite=overwrite) as store, \
+                ThreadPoolExecutor(workers, thread_name_prefix="nh2st-crop") as pool, bar:
+            overall = bar.add_task("samples", total=len(todo))
+            for sid in todo:
+                claim = first if first is not None and first.sample_id == sid else claims.try_claim(sid)
+                if claim is None:
+                    rows[sid] = {"id": sid, "status": "claimed", "n_spots": None,
+                                 "holder": claims.holder(sid) or "another writer"}
+                else:
+                    with claim:  # complete by now if another writer finished it meanwhile
+                        rows[sid] = _skipped(store, sid) if store.is_complete(sid) else _timed(
+                            _extract_sample, spec, job.root, sid, list(job.genes), job.allow_missing_genes,
+                            store, encoder, pool, workers, batch_size, bar)
+                bar.advance(overall)
+    finally:
+        if first is not None:
+            first.release()
+    return rows, {"device": str(encoder.device), "precision": str(encoder.dtype).removeprefix("torch."),
+                  "batch_size": batch_size, "workers": workers}
+
+
+def _timed(extract, *args) -> dict:
+    started = time.time()
+    row = extract(*args)
+    return {**row, "started_at": started, "finished_at": time.time()}
 
 
 def _extract_sample(spec, root, sample_id, genes, allow_missing_genes, store, encoder, pool, workers,
                     batch_size, bar) -> dict:
+    """Read, encode and write one sample whose claim the caller holds; commits it last."""
     sample = spec.load_sample(root, sample_id, genes, allow_missing_genes)
     try:
         t0 = time.perf_counter()
@@ -208,19 +313,110 @@ def _extract_sample(spec, root, sample_id, genes, allow_missing_genes, store, en
     log.info("%s: %d spots in %.1f s (%.0f patches/s)", sample_id, sample.n_spots, seconds,
              sample.n_spots / seconds)
     return {"id": sample_id, "status": "extracted", "n_spots": sample.n_spots, "seconds": seconds,
-            "patches_per_s": sample.n_spots / seconds}
+            "patches_per_s": sample.n_spots / seconds, "device": str(encoder.device),
+            "precision": str(encoder.dtype).removeprefix("torch."), "writer": store.claims.holder(sample_id)}
+
+
+# ---- several encoders: a dask.distributed cluster, one task per sample ----------------------------
+def _run_on_cluster(job: ExtractJob, sample_ids: list[str], device: str, devices: list[str] | None,
+                    scheduler: str | None, overwrite: bool, progress: bool) -> tuple[dict[str, dict], dict]:
+    """Samples as dask tasks: on a local cluster with one worker process per device (`devices`), or
+    on the cluster at `scheduler`. Returns ({sample id: row}, {})."""
+    from distributed import Client, KilledWorker, LocalCluster, as_completed  # only these runs need it
+
+    rows: dict[str, dict] = {}
+    existing, state = None, store_state(job.store_path)
+    if state == "store" and overwrite:
+        EmbeddingStore.clear(job.store_path)  # the first task to finish loading its encoder creates it anew
+    elif state == "store":
+        existing = EmbeddingStore.open(job.store_path)
+        rows = {sid: _skipped(existing, sid) for sid in sample_ids if existing.is_complete(sid)}
+    todo = [sid for sid in sample_ids if sid not in rows]
+    if not todo:
+        return _up_to_date(job, existing, rows)
+    if devices:
+        from nh2st.devices import resolve_device
+        for d in devices:  # refused here rather than on every worker
+            resolve_device(d)
+    cluster = None
+    try:
+        if devices:
+            cluster = LocalCluster(n_workers=len(devices), threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=logging.ERROR)
+            client = Client(cluster)
+        else:
+            try:
+                client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+            except (OSError, ValueError) as exc:
+                raise NH2STError(f"--scheduler {scheduler}: cannot reach a dask scheduler there ({exc}); start "
+                                 "one with `dask scheduler` and workers with `dask worker ADDRESS`") from None
+        bar = make_progress(transient=True)
+        bar.disable = not progress
+        with client, bar:
+            overall = bar.add_task("samples", total=len(todo))
+            run = uuid.uuid4().hex[:8]
+            futures = {client.submit(_extract_task, job, sid, device, devices, key=f"nh2st-extract-{sid}-{run}",
+                                     pure=False): sid for sid in todo}
+            try:
+                for future in as_completed(futures):
+                    sid = futures[future]
+                    try:
+                        rows[sid] = future.result()
+                    except KilledWorker:
+                        raise NH2STError(f"sample {sid}: every dask worker that tried it died (see the worker "
+                                         "logs: memory?); the store keeps the finished samples, run again to "
+                                         "retry") from None
+                    bar.advance(overall)
+            except BaseException:
+                client.cancel(list(futures))
+                raise
+    finally:
+        if cluster is not None:
+            cluster.close()
+    return rows, {}
+
+
+# One encoder per (weights, device) per worker process, loaded by its first task, kept for the rest.
+_WORKER_ENCODERS: dict[tuple[str, str], FrozenEncoder] = {}
+_WORKER_ENCODERS_LOCK = threading.Lock()
+
+
+def _extract_task(job: ExtractJob, sample_id: str, device: str, devices: list[str] | None) -> dict:
+    """One sample, on a dask worker: claim it (waiting while another writer holds it), skip it if
+    complete, else load this worker's encoder (once) and extract it."""
+    if devices:  # a local cluster's workers are named 0, 1, ...: one device each
+        from distributed import get_worker
+        device = devices[int(get_worker().name) % len(devices)]
+    claims = SampleClaims(job.store_path)
+    with claims.claim(sample_id, on_wait=lambda who: log.info("%s: waiting for %s", sample_id, who)):
+        if store_state(job.store_path) == "store":
+            existing = EmbeddingStore.open(job.store_path)
+            if existing.is_complete(sample_id):
+                return _skipped(existing, sample_id)
+        with _WORKER_ENCODERS_LOCK:
+            encoder = _WORKER_ENCODERS.get((job.weights, device))
+            if encoder is None:
+                encoder = _WORKER_ENCODERS[job.weights, device] = FrozenEncoder(job.weights, device)
+        batch_size, workers = job.batch_and_workers(encoder)
+        bar = make_progress()
+        bar.disable = True
+        with EmbeddingStore.open_for_writing(job.store_path, job.meta(encoder)) as store, \
+                ThreadPoolExecutor(workers, thread_name_prefix="nh2st-crop") as pool:
+            return _timed(_extract_sample, get_dataset(job.dataset), job.root, sample_id, list(job.genes),
+                          job.allow_missing_genes, store, encoder, pool, workers, batch_size, bar)
 
 
 def describe_store(path: str | Path) -> dict:
-    """What `nh2st info` shows: root attributes, per-sample spots/completeness/bytes, total bytes."""
+    """What `nh2st info` shows: root attributes, per-sample spots/completeness/writer/bytes, total bytes."""
     store = EmbeddingStore.open(path)
     root_attrs = store.root.attrs.asdict().get("nh2st", {})
+    writers = store.claims.holders()
     samples = []
-    for sid in store.all_sample_ids():
-        attrs = store.root["samples"][sid].attrs.asdict()
+    for sid in sorted(set(store.all_sample_ids()) | set(writers)):
+        attrs = store.sample_attrs(sid)
         samples.append({"id": sid, "complete": bool(attrs.get("complete", False)),
                         "n_spots": int(attrs.get("n_spots", 0)),
-                        "completed_at": attrs.get("completed_at"),
+                        "completed_at": attrs.get("completed_at"), "writer": writers.get(sid),
                         "bytes": disk_bytes(store.path / "samples" / sid)})
     last_run = store.path / SUMMARY_FILE
     return {"path": str(store.path), "attributes": root_attrs, "samples": samples,

@@ -108,22 +108,23 @@ def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecut
 def run_extract(dataset: str, data_root=None, store_path=None, weights=None, samples=None,
                 device: str = "auto", batch_size: int | None = None, overwrite: bool = False,
                 allow_missing_genes: bool = False, workers: int | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, genes: str | None = None, image_dir=None, mpp: float | None = None) -> dict:
     """Build or complete the embedding store of `dataset`; returns (and saves) a run summary.
 
     data_root: default the dataset's (`data/...`); store_path: default `stores/<dataset>.zarr`;
     weights: checkpoint path or `random[:seed=N]` (default: weights/tenpercent_resnet18.ckpt,
-    `random` for the demo); samples: sample ids overriding the dataset's list.
+    `random` for the demo); samples: sample ids overriding the dataset's list; genes: FILE, hvg:N or
+    heg:N (default: the paper's list; see choose_genes); image_dir, mpp: own-data reader options.
     Samples already complete in the store are skipped; a store made with other weights, genes or
     patch size is refused unless `overwrite`.
     """
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset).with_options(image_dir=image_dir, mpp=mpp)
     root = Path(data_root if data_root is not None else spec.data_root)
     store_path = Path(store_path) if store_path is not None else default_store_path(spec.name)
-    genes = spec.genes()
     sample_ids = list(dict.fromkeys(samples)) if samples else spec.find_samples(root)
     if not sample_ids:
         raise NH2STError(f"{root}: no {spec.name} samples found; check --data-root or pass --samples")
+    genes, gene_selection = choose_genes(spec, root, sample_ids, genes, store_path, overwrite, progress)
     encoder = FrozenEncoder(weights if weights is not None else default_weights(spec.name), device)
     batch_size = batch_size or encoder.default_batch_size
     if batch_size < 1:
@@ -138,7 +139,7 @@ def run_extract(dataset: str, data_root=None, store_path=None, weights=None, sam
     meta = StoreMeta(dataset=spec.name, genes=tuple(genes), backbone=encoder.name, weights=encoder.weights,
                      weights_sha256=encoder.weights_sha256, patch_size=encoder.patch_size,
                      feature_shape=encoder.feature_shape, neighbors_k=NEIGHBORS_K,
-                     normalisation=dict(NORMALISATION))
+                     normalisation=dict(NORMALISATION), gene_selection=gene_selection)
     started = time.time()
     rows = []
     with EmbeddingStore.open_for_writing(store_path, meta, overwrite=overwrite) as store:
@@ -175,6 +176,26 @@ def run_extract(dataset: str, data_root=None, store_path=None, weights=None, sam
         }
         atomic_write(store_path / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     return summary
+
+
+def choose_genes(spec, root, sample_ids, genes: str | None, store_path, overwrite: bool = False,
+                 show_progress: bool = True) -> tuple[list[str], dict]:
+    """(gene list, how it was chosen) for a run of `nh2st extract` (`--genes`, see DatasetSpec.choose_genes).
+
+    A store already made with the same `hvg:N` / `heg:N` choice keeps its list (resuming, or adding
+    samples, never re-ranks genes under finished samples); so does a store of a dataset without a
+    shipped list when `--genes` is not given. `overwrite` chooses afresh.
+    """
+    from nh2st.expression import RANKINGS, parse_gene_choice
+
+    if not overwrite and (Path(store_path) / "zarr.json").is_file():
+        made = EmbeddingStore.open(store_path).meta
+        previous = made.gene_selection or {}
+        same_ranking = genes is not None and genes.split(":")[0].lower() in RANKINGS \
+            and previous.get("spec") == parse_gene_choice(genes).spec
+        if same_ranking or (genes is None and spec.gene_list is None and previous):
+            return list(made.genes), previous
+    return spec.choose_genes(root, sample_ids, genes, show_progress)
 
 
 def _extract_sample(spec, root, sample_id, genes, allow_missing_genes, store, encoder, pool, workers,
@@ -221,6 +242,7 @@ def describe_store(path: str | Path) -> dict:
         samples.append({"id": sid, "complete": bool(attrs.get("complete", False)),
                         "n_spots": int(attrs.get("n_spots", 0)),
                         "completed_at": attrs.get("completed_at"),
+                        "patch": (attrs.get("meta") or {}).get("patch"),
                         "bytes": disk_bytes(store.path / "samples" / sid)})
     last_run = store.path / SUMMARY_FILE
     return {"path": str(store.path), "attributes": root_attrs, "samples": samples,

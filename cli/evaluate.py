@@ -88,9 +88,12 @@ def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict(
         run: Path = typer.Option(..., "--run", help="run folder runs/<store-name> (or one fold folder)"),
-        wsi: Path = typer.Option(..., "--wsi", help="the slide: pyramidal TIFF, JPEG or PNG"),
-        spots: Path = typer.Option(..., "--spots", help="CSV with barcode, x, y (full-resolution pixels, x = "
-                                   "column) or a Space Ranger / HEST .h5ad"),
+        wsi: Path = typer.Option(..., "--wsi", help="the slide: pyramidal TIFF, SVS, NDPI, SCN, JPEG or PNG"),
+        spots: Path = typer.Option(..., "--spots", help="Space Ranger's tissue_positions.csv / tissue_positions_list.csv, "
+                                   "a CSV or tab-separated file with barcode, x, y (full-resolution pixels, x = "
+                                   "column), or a Space Ranger / HEST .h5ad"),
+        mpp: float | None = typer.Option(None, "--mpp", help="level-0 µm per pixel of the slide when its file "
+                                         "records none (runs on visium/hest stores crop the paper's 112 µm field)"),
         out: Path = typer.Option(..., "--out", help="output .h5ad"),
         fold: int | None = typer.Option(None, "--fold", help="predict with this fold only"),
         ensemble: bool = typer.Option(False, "--ensemble", help="mean of all trained folds (the default "
@@ -105,7 +108,7 @@ def register(app: typer.Typer) -> None:
 
         with warnings_on_console():
             summary = predict_slide(run, wsi, spots, out, fold=fold, ensemble=ensemble, weights=weights,
-                                    device=device, batch_size=batch_size)
+                                    device=device, batch_size=batch_size, mpp=mpp)
         folds = ", ".join(map(str, summary["folds"]))
         stderr.print(f"{summary['out']}: {summary['n_spots']:,} spots x {summary['n_genes']} genes, "
                      f"{summary['model_kind']} fold{'s' if len(summary['folds']) > 1 else ''} {folds}"

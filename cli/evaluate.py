@@ -119,10 +119,12 @@ def register(app: typer.Typer) -> None:
     def plot(
         run: Path | None = typer.Option(None, "--run", help="run folder runs/<store-name> or one fold folder "
                                         "(default: the most recent run with the fold)"),
+        predictions: Path | None = typer.Option(None, "--predictions", help="the .h5ad of `nh2st predict`: draw its "
+                                                "predicted maps (a new slide, no ground truth) instead of a fold"),
         fold: int | None = typer.Option(None, "--fold", help="fold to draw (needed with a run folder of several folds)"),
         genes: list[str] | None = typer.Option(None, "--genes", help="genes to draw (repeat or separate by commas)"),
-        top: int | None = typer.Option(None, "--top", help="also draw the N best-predicted genes (default 4 "
-                                       "without --genes)"),
+        top: int | None = typer.Option(None, "--top", help="also draw the N best-predicted genes (with --predictions: "
+                                       "the N most varying predictions; default 4 without --genes)"),
         out: Path = typer.Option(Path("plots"), "--out", help="folder for the PNGs"),
         store: Path | None = typer.Option(None, "--store", help="store to use if the run's has moved"),
         sample: list[str] | None = typer.Option(None, "--sample", help="only these test samples"),
@@ -131,7 +133,17 @@ def register(app: typer.Typer) -> None:
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="where to look for runs"),
         device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N (if it must evaluate first)"),
     ) -> None:
-        """Draw true and predicted expression side by side on the slide, one PNG per gene."""
+        """Draw true and predicted expression side by side on the slide (or predictions alone), one PNG per gene."""
+        if predictions is not None:
+            given = [flag for flag, value in (("--run", run), ("--fold", fold), ("--store", store), ("--sample", sample),
+                                              ("--slide", slide)) if value not in (None, [])]
+            if given:
+                raise NH2STError(f"--predictions draws its own .h5ad; drop {', '.join(given)}")
+            from nh2st.plots import plot_predictions
+
+            for path in plot_predictions(predictions, split_values(genes) or None, top, out):
+                Console().print(str(path), highlight=False, soft_wrap=True)
+            return
         from nh2st.evaluate import resolve_run
         from nh2st.plots import plot_fold
 

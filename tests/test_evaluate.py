@@ -341,3 +341,27 @@ def test_predict_crops_the_field_of_view_of_the_runs_store(tmp_path):
     with pytest.raises(NH2STError, match=r"bare.tif: the slide records no microns per pixel.*pass --mpp"):
         _store_field_of_view(open_slide(tmp_path / "bare.tif"), own, None)
     assert not isinstance(_store_field_of_view(open_slide(tmp_path / "bare.tif"), own, 0.52), RescaledSlide)
+
+
+def test_plot_predictions_of_a_new_slide(predict_setup, tmp_path):
+    from cli.main import app
+    from nh2st.predict import predict_slide
+
+    s = predict_setup
+    out = tmp_path / "pred.h5ad"
+    with pytest.warns(UserWarning):   # the off-slide spot
+        predict_slide(s["run"], s["slide"], s["spots"], out, weights="random:seed=0", device="cpu", show_progress=False)
+    runner = CliRunner()
+    result = runner.invoke(app, ["plot", "--predictions", str(out), "--genes", "GENE003", "--top", "1",
+                                 "--out", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    adata = anndata.read_h5ad(out)
+    most_varying = adata.var_names[int(np.argmax(np.asarray(adata.X).var(0)))]
+    written = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert written == sorted({"pred_GENE003.png", f"pred_{most_varying}.png"})
+    image = np.asarray(Image.open(tmp_path / "plots" / "pred_GENE003.png").convert("RGB"))
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50          # slide thumbnail, spots and colour bar
+    refused = runner.invoke(app, ["plot", "--predictions", str(out), "--fold", "0"])
+    assert isinstance(refused.exception, NH2STError) and "drop --fold" in str(refused.exception)
+    missing = runner.invoke(app, ["plot", "--predictions", str(tmp_path / "none.h5ad")])
+    assert "file not found" in str(missing.exception)

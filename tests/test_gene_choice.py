@@ -87,3 +87,37 @@ def test_a_list_that_does_not_fit_is_not_offered_zero_filling():
         message = str(err.value)
         assert "has only 1 of the 4 genes of the list" in message and "does not fit this data" in message
         assert "--genes hvg:N" in message and "allow-missing" not in message
+
+
+def _heg_reference(frames, n):
+    common = sorted(set.intersection(*(set(f.columns) for f in frames)))
+    pooled = np.vstack([_log_normalised(f.to_numpy(np.float64))[:, [list(f.columns).index(g) for g in common]]
+                        for f in frames])
+    mean = pooled.mean(0)
+    return [common[i] for i in sorted(range(len(common)), key=lambda i: (-mean[i], common[i]))[:n]]
+
+
+def test_the_paper_readers_can_choose_genes_too(tmp_path):
+    import pandas as pd
+
+    from legacy_fixtures import mouse_slide, write_legacy_sample, write_stimage_slide
+    from nh2st.datasets import get_dataset
+
+    genes = [f"G{i}" for i in range(8)]
+    stnet, mouse = get_dataset("stnet"), get_dataset("mouse")
+    write_legacy_sample(tmp_path / "stnet", "stnet", "BC23209_C1", genes, seed=1)
+    write_legacy_sample(tmp_path / "stnet", "stnet", "BC23270_D2", genes, seed=2)
+    ids = ["BC23209_C1", "BC23270_D2"]
+    chosen, record = stnet.choose_genes(tmp_path / "stnet", ids, "heg:5", show_progress=False)
+    frames = [pd.read_parquet(tmp_path / "stnet" / "ST-cnts" / f"{s}_sub.parquet") for s in ids]
+    assert chosen == _heg_reference(frames, 5) and record["samples"] == ids
+    with pytest.warns(UserWarning):   # the fixture's spot without counts
+        assert stnet.load_sample(tmp_path / "stnet", "BC23270_D2", chosen).meta["patient"] == "BC23270"
+
+    for rep in (1, 2):
+        write_stimage_slide(tmp_path / "st", "mouse", mouse_slide(rep), genes, seed=rep)
+    slides = [mouse_slide(1), mouse_slide(2)]
+    chosen, _ = mouse.choose_genes(tmp_path / "st", slides, "heg:4", show_progress=False)
+    frames = [pd.read_csv(tmp_path / "st" / "ST" / "gene_exp" / f"{s}_count.csv", index_col=0) for s in slides]
+    assert chosen == _heg_reference(frames, 4)
+    assert stnet.choose_genes(tmp_path, ids)[1]["how"] == "the paper's STNet list (nh2st/genes/STNet.txt)"

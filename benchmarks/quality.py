@@ -71,7 +71,7 @@ def run_seed(store: Path, config: Path, variant: str, seed: int, runs_dir: Path,
     cfg = load_config(config, [*overrides, f"GENERAL.seed={seed}"])
     out_dir = runs_dir / variant.replace(":", "-") / f"seed-{seed}"
     started = time.perf_counter()
-    results = train_folds(store, "all", cfg, out_dir, "default", kind, show_progress=show_progress)
+    results = train_folds(store, "all", cfg, out_dir, "default", kind, show_progress=show_progress, overwrite=True)
     seconds = time.perf_counter() - started
     folds = []
     for result in results:

@@ -33,7 +33,8 @@ from nh2st.devices import resolve_device
 from nh2st.encoder import FrozenEncoder, build_trunk
 from nh2st.model import NH2ST, nh2st_loss
 from nh2st.neighbors import knn_index
-from nh2st.training import FoldSpots, fit, predict_rows
+from nh2st.predictor import Predictor
+from nh2st.training import FoldSpots, fit
 
 ZEN_SPOTS = 15_780
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -145,7 +146,8 @@ def time_zen(cfg, device, epochs: int, n_genes: int = 250, n_spots: int = ZEN_SP
     per_epoch = float(np.median([row["seconds"] for row in out["history"][1:]] or [out["history"][0]["seconds"]]))
     sync(device)
     started = time.perf_counter()
-    predict_rows(model, spots, spots.split["test"], cfg.TRAINING.eval_batch_size)
+    Predictor("nh2st", [f"g{i}" for i in range(n_genes)], cfg, model.feature_shape, model=model,
+              device=device).predict(spots.features, spots.neighbors, spots.split["test"], spots.operator)
     sync(device)
     return {"seconds_per_epoch": per_epoch, "train_spots": len(spots.split["train"]),
             "estimate_s": 3 * 200 * per_epoch + 3 * (time.perf_counter() - started),

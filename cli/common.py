@@ -33,6 +33,11 @@ class MultiValueCommand(TyperCommand):
         return super().parse_args(ctx, out)
 
 
+def fmt(value) -> str:
+    """A metric in a table: three decimals, an em dash where undefined."""
+    return "—" if value is None else f"{value:.3f}"
+
+
 def split_values(values: list[str] | str | None) -> list[str]:
     """Flatten repeated and comma-separated values: ["0,2", "3"] -> ["0", "2", "3"]."""
     if isinstance(values, str):

@@ -7,16 +7,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import MultiValueCommand, split_values, warnings_on_console
+from cli.common import MultiValueCommand, fmt, split_values, warnings_on_console
 from nh2st.errors import NH2STError
 from nh2st.progress import console as stderr
 
 METRIC_COLUMNS = (("R (top-50)", "R"), ("PCC (all genes)", "pcc_mean"), ("HVG-50 PCC", "hvg50_pcc"),
                   ("MSE", "mse"), ("MAE", "mae"))
-
-
-def _fmt(value) -> str:
-    return "—" if value is None else f"{value:.3f}"
 
 
 def eval_table(result: dict) -> Table:
@@ -32,7 +28,7 @@ def eval_table(result: dict) -> Table:
     for kind, entry in result["models"].items():
         for k, fold in entry["folds"].items():
             table.add_row(kind, str(k), " ".join(fold["test_samples"]), f"{fold['n_spots']:,}",
-                          *(_fmt(fold[key]) for _, key in METRIC_COLUMNS), str(fold["n_nan_genes"]))
+                          *(fmt(fold[key]) for _, key in METRIC_COLUMNS), str(fold["n_nan_genes"]))
         if len(entry["folds"]) > 1:
             cells = []
             for _, key in METRIC_COLUMNS:
@@ -40,6 +36,15 @@ def eval_table(result: dict) -> Table:
                 cells.append("—" if s["mean"] is None else f"{s['mean']:.3f}±{s['std']:.3f}")
             table.add_row(kind, "mean ± std", "", "", *cells, "", style="bold")
         table.add_section()
+    if result.get("missing_folds"):
+        table.caption = (f"[bold yellow]folds {', '.join(map(str, result['missing_folds']))} have not finished and "
+                         "are left out of the means[/]")
+    released = [(kind, k, f["R_released"]) for kind, e in result["models"].items() for k, f in e["folds"].items()
+                if f.get("protocol") == "paper" and f.get("R_released") is not None and f["R_released"] != f["R"]]
+    if released:
+        shown = ", ".join(f"{kind} fold {k}: {value:.3f}" for kind, k, value in released)
+        table.caption = (table.caption + "\n" if table.caption else "") + \
+            f"R as the released code computes it (NaN genes scramble its top 50): {shown}"
     return table
 
 
@@ -64,24 +69,30 @@ def register(app: typer.Typer) -> None:
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="where to look for runs"),
         as_json: bool = typer.Option(False, "--json", help="print only the metrics JSON on stdout"),
         device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N"),
+        allow_missing_folds: bool = typer.Option(False, "--allow-missing-folds", help="with --fold all, score the "
+                                                 "finished folds when others have not finished (named in the output)"),
     ) -> None:
         """Score trained folds on their test samples (and the mean/ridge baselines trained beside them)."""
-        from nh2st.evaluate import evaluate, resolve_run
+        from nh2st.evaluate import evaluate
+        from nh2st.runs import resolve_run
 
         if fold != "all" and not fold.isdigit():
             raise NH2STError(f"--fold {fold!r}: give a fold index (0, 1, ...) or all")
         chosen = fold if fold == "all" else int(fold)
-        run_dir, folds = resolve_run(run, chosen, runs_dir)
+        run_dir, folds = resolve_run(run, chosen, runs_dir, allow_missing=allow_missing_folds)
         if run is None:
             which = "most recent run" if fold == "all" else f"most recent run with fold {fold}"
             stderr.print(f"using run {run_dir} ({which})", highlight=False)
         result = evaluate(run_dir, folds if chosen != "all" else "all", store=store, runs_root=runs_dir,
-                          device=device, show_progress=not as_json)
+                          device=device, show_progress=not as_json, allow_missing_folds=allow_missing_folds)
+        if result.get("missing_folds"):
+            stderr.print(f"[yellow]warning:[/] folds {', '.join(map(str, result['missing_folds']))} of {run_dir} have "
+                         "not finished; the means cover the others only", highlight=False)
         if as_json:
             print(json.dumps(result, indent=2))
             return
         Console().print(eval_table(result))
-        written = [f"{run_dir}/metrics.json"] + [r["run_dir"] + "/{metrics.json,predictions.zarr}"
+        written = ([f"{run_dir}/metrics.json"] if chosen == "all" else []) + [r["run_dir"] + "/{metrics.json,predictions.zarr}"
                                                 for e in result["models"].values() for r in e["folds"].values()]
         stderr.print("written: " + ", ".join(written), highlight=False, soft_wrap=True)
 
@@ -96,8 +107,10 @@ def register(app: typer.Typer) -> None:
                                          "records none (runs on visium/hest stores crop the paper's 112 µm field)"),
         out: Path = typer.Option(..., "--out", help="output .h5ad"),
         fold: int | None = typer.Option(None, "--fold", help="predict with this fold only"),
-        ensemble: bool = typer.Option(False, "--ensemble", help="mean of all trained folds (the default "
+        ensemble: bool = typer.Option(False, "--ensemble", help="mean of all folds of the run (the default "
                                       "without --fold)"),
+        allow_missing_folds: bool = typer.Option(False, "--allow-missing-folds", help="average the finished folds "
+                                                 "when others have not finished (a warning names them)"),
         weights: str | None = typer.Option(None, "--weights", help="the backbone checkpoint PATH the run's store was "
                                            "made with, or random / random:seed=N (checked by sha256)"),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
@@ -108,7 +121,8 @@ def register(app: typer.Typer) -> None:
 
         with warnings_on_console():
             summary = predict_slide(run, wsi, spots, out, fold=fold, ensemble=ensemble, weights=weights,
-                                    device=device, batch_size=batch_size, mpp=mpp)
+                                    device=device, batch_size=batch_size, allow_missing_folds=allow_missing_folds,
+                                    mpp=mpp)
         folds = ", ".join(map(str, summary["folds"]))
         stderr.print(f"{summary['out']}: {summary['n_spots']:,} spots x {summary['n_genes']} genes, "
                      f"{summary['model_kind']} fold{'s' if len(summary['folds']) > 1 else ''} {folds}"
@@ -144,10 +158,10 @@ def register(app: typer.Typer) -> None:
             for path in plot_predictions(predictions, split_values(genes) or None, top, out):
                 Console().print(str(path), highlight=False, soft_wrap=True)
             return
-        from nh2st.evaluate import resolve_run
         from nh2st.plots import plot_fold
+        from nh2st.runs import resolve_run
 
-        run_dir, folds = resolve_run(run, "all" if fold is None else fold, runs_dir)
+        run_dir, folds = resolve_run(run, "all" if fold is None else fold, runs_dir, allow_missing=fold is None)
         if len(folds) > 1:
             raise NH2STError(f"{run_dir} has folds {', '.join(map(str, folds))}; pick one with --fold")
         if run is None:

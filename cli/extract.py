@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import MultiValueCommand, split_values, warnings_on_console
-from nh2st.extract import describe_store, run_extract
 from nh2st.progress import console as stderr
 
 
@@ -57,6 +56,8 @@ def register(app: typer.Typer) -> None:
         verbose: bool = typer.Option(False, "--verbose", "-v", help="log each sample to stderr"),
     ) -> None:
         """Encode every spot's patch once with the frozen ResNet18 into a resumable Zarr store."""
+        from nh2st.extract import run_extract
+
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
         with warnings_on_console():
             summary = run_extract(dataset, data_root=data_root, store_path=store, weights=weights,
@@ -83,6 +84,8 @@ def register(app: typer.Typer) -> None:
     @app.command("info")
     def info(store: Path = typer.Argument(..., help="an embedding store, e.g. stores/zen.zarr")) -> None:
         """Summarise a store: what produced it, its samples, spots and size on disk."""
+        from nh2st.extract import describe_store
+
         d = describe_store(store)
         attrs = d["attributes"]
         head = Table(title=str(store), show_header=False)

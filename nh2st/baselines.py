@@ -17,7 +17,8 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
-BASELINES = ("mean", "ridge")
+
+from nh2st.runs import BASELINE_KINDS as BASELINES
 
 
 def pool(features: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,19 @@
-"""Configuration as data: the paper's YAML keys (GENERAL, TRAINING, MODEL, DATASET) as dataclasses.
+"""Configuration as data: the paper's YAML sections (GENERAL, TRAINING, MODEL, DATASET) as dataclasses.
 
-`load_config(path, overrides)` reads a YAML file from configs/, applies `--set SECTION.key=value`
-overrides (values parsed as YAML), and refuses unknown sections or keys with a message that
-lists the valid ones.
+    cfg = load_config("configs/zen.yaml", ["TRAINING.num_epochs=50"])
+
+Every key acts. `load_config` reads a YAML file, applies `--set SECTION.key=value` overrides
+(values parsed as YAML) and validates every value before anything is written: unknown keys,
+wrong types and values out of range are NH2STErrors in scikit-learn's style
+("The 'TRAINING.num_epochs' parameter ... must be an int in the range [1, inf). Got 'ten' instead.").
+Keys of the paper's config that no code here reads (REMOVED) are refused with the reason in a
+user's file, and dropped silently from configs saved in old run folders and checkpoints, so those
+still load (`config_from_checkpoint`).
 """
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,18 +21,34 @@ import yaml
 
 from nh2st.errors import NH2STError
 
+# Keys of the first build (and the paper's YAML) that nothing reads, with what to do instead.
+REMOVED = {
+    "GENERAL.log_path": "runs land in --runs-dir",
+    "TRAINING.num_k": "the fold scheme sets the number of folds (DATASET.fold_scheme, e.g. kfold:5)",
+    "TRAINING.loss": "the regression loss is the paper's MSE, always",
+    "MODEL.name": "the model is NH²2ST (--model picks a baseline)",
+    "MODEL.res_neighbor": "the paper's code never reads it; neighbours are DATASET.num_neighbors nearest spots",
+    "DATASET.type": "the store records its dataset",
+    "DATASET.data_dir": "give --data-root to `nh2st extract`",
+    "DATASET.gene_list": "the store records its genes (`nh2st extract --genes`)",
+}
+MONITORS = {"R": ("val_R", "max"), "pcc": ("val_pcc", "max"), "loss": ("val_loss", "min")}
+OPTIMIZERS = ("adam", "adamw")
+PREDICT_FROM = ("query", "query+neighbors")
+INPUT_NORMS = ("none", "channel")
+FOLD_SCHEME = re.compile(r"^(paper|patient|loo|kfold:([2-9]|[1-9]\d+))$")
+
 
 @dataclass
 class General:
     seed: int = 2021
-    log_path: str = "runs"
 
 
 @dataclass
 class EarlyStopping:
     monitor: str = "R"
     patience: int = 20
-    mode: str = "max"
+    mode: str = "auto"     # the monitor's own direction (max for R and pcc, min for loss); explicit must agree
 
 
 @dataclass
@@ -35,10 +59,8 @@ class LRScheduler:
 
 @dataclass
 class Training:
-    num_k: int = 4
     batch_size: int = 8
     eval_batch_size: int = 1024
-    loss: str = "MSE"
     optimizer: str = "adam"
     learning_rate: float = 5e-4
     num_epochs: int = 200
@@ -49,13 +71,11 @@ class Training:
 
 @dataclass
 class Model:
-    name: str = "NH2ST"
     emb_dim: int = 512
     depth1: int = 1
     num_heads1: int = 8
     mlp_ratio1: float = 1.0
     dropout1: float = 0.5
-    res_neighbor: list = field(default_factory=lambda: [5, 5])
     temperature1: float = 0.05
     temperature2: float = 0.05
     loss_ratio1: float = 1.0
@@ -71,12 +91,9 @@ class Model:
 
 @dataclass
 class Dataset:
-    type: str = ""
-    data_dir: str = ""
-    gene_list: str = ""
-    num_neighbors: int = 9
-    radius: int = 224
-    fold_scheme: str = ""
+    fold_scheme: str = "paper"     # paper | patient | kfold:K | loo (nh2st.splits); --split overrides
+    num_neighbors: int = 9         # must equal the store's neighbour index width
+    radius: int = 224              # the patch side in level-0 pixels; must equal the store's patch size
 
 
 @dataclass
@@ -90,25 +107,131 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _fill(cls, values: dict, where: str):
+# ---- validation -------------------------------------------------------------------------------------------
+INF = math.inf
+# key -> (kind, low, high, low_open, high_open) for numbers; key -> tuple of choices or a regex for strings
+RANGES = {
+    "GENERAL.seed": ("int", 0, INF, False, False),
+    "TRAINING.batch_size": ("int", 1, INF, False, False),
+    "TRAINING.eval_batch_size": ("int", 1, INF, False, False),
+    "TRAINING.learning_rate": ("float", 0, INF, True, False),
+    "TRAINING.num_epochs": ("int", 1, INF, False, False),
+    "TRAINING.early_stopping.patience": ("int", 0, INF, False, False),
+    "TRAINING.lr_scheduler.step_size": ("int", 1, INF, False, False),
+    "TRAINING.lr_scheduler.gamma": ("float", 0, 1, True, False),
+    "TRAINING.val_fraction": ("float", 0, 1, False, True),
+    "MODEL.emb_dim": ("int", 1, INF, False, False),
+    "MODEL.depth1": ("int", 1, INF, False, False),
+    "MODEL.num_heads1": ("int", 1, INF, False, False),
+    "MODEL.mlp_ratio1": ("float", 0, INF, True, False),
+    "MODEL.dropout1": ("float", 0, 1, False, True),
+    "MODEL.temperature1": ("float", 0, INF, True, False),
+    "MODEL.temperature2": ("float", 0, INF, True, False),
+    "MODEL.loss_ratio1": ("float", 0, INF, False, False),
+    "MODEL.loss_ratio2": ("float", 0, INF, False, False),
+    "MODEL.negative_weight": ("float", 0, INF, False, False),
+    "MODEL.hyperedge_k": ("int", 0, INF, False, False),
+    "MODEL.hypergraph_dim": ("int", 1, INF, False, False),
+    "MODEL.decoder_dim": ("int", 1, INF, False, False),
+    "DATASET.num_neighbors": ("int", 1, INF, False, False),
+    "DATASET.radius": ("int", 1, INF, False, False),
+}
+CHOICES = {
+    "TRAINING.optimizer": OPTIMIZERS,
+    "TRAINING.early_stopping.monitor": tuple(MONITORS),
+    "TRAINING.early_stopping.mode": ("auto", "max", "min"),
+    "MODEL.predict_from": PREDICT_FROM,
+    "MODEL.input_norm": INPUT_NORMS,
+    "DATASET.fold_scheme": FOLD_SCHEME,
+}
+
+
+def _invalid(key: str, where: str, expected: str, value) -> NH2STError:
+    return NH2STError(f"The '{key}' parameter of {where} must be {expected}. Got {value!r} instead.")
+
+
+def _interval(low, high, low_open, high_open) -> str:
+    return f"{'(' if low_open else '['}{low}, {'inf' if high == INF else high}{')' if high_open or high == INF else ']'}"
+
+
+def _check_value(key: str, value, where: str):
+    """The value, coerced where lossless (an int for a float key); NH2STError otherwise."""
+    if key in RANGES:
+        kind, low, high, low_open, high_open = RANGES[key]
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "int" and not (numeric and float(value).is_integer()):
+            raise _invalid(key, where, f"an int in the range {_interval(low, high, low_open, high_open)}", value)
+        if not numeric or not math.isfinite(value):
+            raise _invalid(key, where, f"a float in the range {_interval(low, high, low_open, high_open)}", value)
+        value = int(value) if kind == "int" else float(value)
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            raise _invalid(key, where, f"a{'n int' if kind == 'int' else ' float'} in the range "
+                           f"{_interval(low, high, low_open, high_open)}", value)
+        return value
+    if key in CHOICES:
+        choices = CHOICES[key]
+        if isinstance(choices, re.Pattern):
+            if not (isinstance(value, str) and choices.match(value)):
+                raise _invalid(key, where, "one of paper, patient, loo or kfold:K (K >= 2)", value)
+            return value
+        if value not in choices:
+            raise _invalid(key, where, f"a str among {{{', '.join(repr(c) for c in choices)}}}", value)
+        return value
+    return value
+
+
+def _check_bool(key: str, value, where: str):
+    if not isinstance(value, bool):
+        raise _invalid(key, where, "a bool (true or false)", value)
+    return value
+
+
+def _fill(cls, values: dict, where: str, prefix: str, legacy: bool):
     if not isinstance(values, dict):
-        raise NH2STError(f"{where}: expected a mapping, got {type(values).__name__}")
+        raise NH2STError(f"{where}: {prefix or 'the config'} must be a mapping of keys, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise NH2STError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     kwargs = {}
     for name, value in values.items():
+        key = f"{prefix}{name}"
+        if key in REMOVED:
+            if legacy:
+                continue
+            raise NH2STError(f"{where}: {key} was removed because it did nothing ({REMOVED[key]}); delete it")
+        if name not in fields:
+            raise NH2STError(f"{where}: unknown key {key}; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
+                             f"{', '.join(fields)}")
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _fill(type(default), value, f"{where}.{name}")
+            kwargs[name] = _fill(type(default), value, where, f"{key}.", legacy)
+        elif isinstance(default, bool):
+            kwargs[name] = _check_bool(key, value, where)
         else:
-            kwargs[name] = value
+            kwargs[name] = _check_value(key, value, where)
     return cls(**kwargs)
 
 
+def validate(cfg: Config, where: str = "config") -> Config:
+    """Checks that tie several keys together; returns cfg."""
+    m, t = cfg.MODEL, cfg.TRAINING
+    if m.emb_dim % m.num_heads1:
+        raise NH2STError(f"{where}: MODEL.emb_dim={m.emb_dim} must be divisible by MODEL.num_heads1={m.num_heads1}")
+    if m.predict_from == "query+neighbors" and not m.neighbor_branch:
+        raise NH2STError(f"{where}: MODEL.predict_from=query+neighbors needs MODEL.neighbor_branch=true")
+    natural = MONITORS[t.early_stopping.monitor][1]
+    if t.early_stopping.mode not in ("auto", natural):
+        raise NH2STError(f"{where}: TRAINING.early_stopping.mode={t.early_stopping.mode} with monitor "
+                         f"{t.early_stopping.monitor}; set mode: {natural}")
+    return cfg
+
+
 def config_from_dict(data: dict, where: str = "config") -> Config:
-    return _fill(Config, data or {}, where)
+    """A validated Config from nested dicts (a user's file: removed keys are refused)."""
+    return validate(_fill(Config, data or {}, where, "", legacy=False), where)
+
+
+def config_from_checkpoint(data: dict, where: str = "checkpoint config") -> Config:
+    """A Config saved by any nh2st version: keys that were removed since are dropped."""
+    return validate(_fill(Config, data or {}, where, "", legacy=True), where)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
@@ -130,9 +253,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         node = data
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise NH2STError(f"--set {item!r}: {part} is a value, not a section")
         node[leaf] = yaml.safe_load(raw)
-    return config_from_dict(data, str(path) if path else "config")
+    where = f"{path}" + (" with --set" if overrides else "") if path else ("--set" if overrides else "config")
+    return config_from_dict(data, where)
 
 
 def save_config(config: Config, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    from nh2st.atomic import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
+
+
+def default_config_path(dataset: str) -> Path | None:
+    """configs/<dataset>.yaml in the working directory or next to the package, if present."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        path = root / "configs" / f"{dataset}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve_config(dataset: str, config_path=None, overrides=()) -> tuple[Config, Path | None]:
+    """The config for training on a `dataset` store: --config, else configs/<dataset>.yaml, else defaults; plus --set."""
+    path = Path(config_path) if config_path else default_config_path(dataset)
+    return load_config(path, overrides), path

@@ -3,8 +3,8 @@
     fold = evaluate_fold("runs/demo/fold-0")                 # metrics dict; writes files below
     summary = evaluate("runs/demo", folds="all")             # + mean ± std over folds, baselines
 
-For a fold directory (runs/<store-name>/fold-<k>/, layout in docs/internals.md) this loads the
-run's checkpoint (`nh2st.training.load_trained`), predicts every test sample listed in run.json
+For a fold directory (runs/<store-name>/fold-<k>/, layout in nh2st.runs) this loads the
+run's checkpoint (`Predictor.load`), predicts every test sample listed in run.json
 from its cached feature maps (neighbour index included, expression never), and writes
 
     predictions.zarr/<sample id>/{predictions, targets, pixel_xy, barcodes}   (atomically replaced)
@@ -14,135 +14,35 @@ from its cached feature maps (neighbour index included, expression never), and w
 Metrics are nh2st.metrics: pooled over the fold's test slides, and per slide. HVG-50 genes come
 from the fold's *training* samples' targets (as the training loop chooses them). `evaluate` adds
 mean ± std over folds (population std), for NH²2ST and for the mean / ridge baselines trained
-under runs/<store-name>/baselines/<model>/fold-<k>/, and writes runs/<store-name>/metrics.json.
+under runs/<store-name>/baselines/<model>/fold-<k>/. Only an evaluation of every fold writes the
+all-fold summary runs/<store-name>/metrics.json; one fold's evaluation writes that fold's files only.
+Folds that have not finished are an error unless allowed, and are then named in the result.
 """
 
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from nh2st import __version__, metrics
+from nh2st.baselines import BASELINES
 from nh2st.errors import NH2STError
+from nh2st.predictor import Predictor
 from nh2st.progress import make_progress
+from nh2st.runs import METRICS, expected_folds, finished_folds, now, read_info, resolve_run, write_json
 from nh2st.store import EmbeddingStore
-from nh2st.training import load_trained, write_json
 
 PREDICTIONS = "predictions.zarr"
-METRICS = "metrics.json"
-BASELINE_KINDS = ("mean", "ridge")
 VALUE_SPACE = ("normalised to 10,000 over the run's genes, log10(x+1), 3x3 grid-smoothed (the training "
                "targets); NOT counts")
 
 
-# ---- finding runs ----------------------------------------------------------------------------------------
-def read_run_json(fold_dir: Path) -> dict:
-    path = Path(fold_dir) / "run.json"
-    if not path.is_file():
-        raise NH2STError(f"{fold_dir}: no run.json; give a run folder written by `nh2st train`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise NH2STError(f"{path}: not valid JSON; retrain the fold") from None
-
-
-def is_trained(fold_dir: Path) -> bool:
-    """A fold counts once its checkpoint exists and training finished (an older run.json without status counts too)."""
-    fold_dir = Path(fold_dir)
-    if not (fold_dir / "checkpoint.pt").is_file() or not (fold_dir / "run.json").is_file():
-        return False
-    try:
-        status = json.loads((fold_dir / "run.json").read_text()).get("status", "finished")
-    except json.JSONDecodeError:
-        return False
-    return status == "finished"
-
-
-def fold_dirs(run_dir: Path) -> dict[int, Path]:
-    """{k: run_dir/fold-k} for every trained fold of a run directory."""
-    out = {}
-    for child in Path(run_dir).glob("fold-*"):
-        suffix = child.name.removeprefix("fold-")
-        if suffix.isdigit() and is_trained(child):
-            out[int(suffix)] = child
-    return dict(sorted(out.items()))
-
-
-def find_runs(runs_root="runs") -> list[Path]:
-    """Run directories under `runs_root` (those holding fold-<k>/ with run.json), most recent first.
-
-    Recency is the latest modification time of a trained fold's run.json (rewritten when training ends).
-    """
-    root = Path(runs_root)
-    if not root.is_dir():
-        return []
-    candidates = [root] + [d for d in root.iterdir() if d.is_dir()]
-    runs = [d for d in candidates if any(d.glob("fold-*/run.json"))]
-
-    def latest(run: Path) -> float:
-        times = [(f / "run.json").stat().st_mtime for f in fold_dirs(run).values()]
-        return max(times, default=0.0)
-    return sorted(runs, key=latest, reverse=True)
-
-
-def _describe_runs(runs_root) -> str:
-    parts = []
-    for run in find_runs(runs_root):
-        trained = list(fold_dirs(run))
-        untrained = sorted(int(p.name.removeprefix("fold-")) for p in run.glob("fold-*")
-                           if p.name.removeprefix("fold-").isdigit() and not is_trained(p))
-        text = f"{run} (folds {', '.join(map(str, trained)) or 'none finished'}"
-        text += f"; unfinished {', '.join(map(str, untrained))})" if untrained else ")"
-        parts.append(text)
-    return "; ".join(parts) if parts else f"none under {runs_root}/"
-
-
-def resolve_run(run=None, fold: int | str = "all", runs_root="runs") -> tuple[Path, list[int]]:
-    """(run directory, fold indices) for `nh2st eval`.
-
-    run: a run directory (runs/<store-name>), a fold directory (…/fold-<k>), or None for the most
-    recent run under `runs_root` that has `fold` (any trained fold for "all").
-    A fold without a finished training is an NH2STError that lists the runs and folds that exist.
-    """
-    if run is not None:
-        run = Path(run)
-        if (run / "run.json").is_file():  # a fold directory
-            k = int(read_run_json(run).get("fold", run.name.removeprefix("fold-")))
-            if fold not in ("all", None) and int(fold) != k:
-                raise NH2STError(f"--run {run} is fold {k} but --fold {fold} was asked; drop --fold or pass the run folder")
-            if not is_trained(run):
-                raise NH2STError(f"{run}: training has not finished (no checkpoint.pt or status not finished); "
-                                 "train it with `nh2st train`")
-            return run.parent, [k]
-        if not run.is_dir():
-            raise NH2STError(f"--run {run}: no such folder; runs found: {_describe_runs(runs_root)}")
-        trained = fold_dirs(run)
-        if not trained:
-            raise NH2STError(f"--run {run}: no trained fold (fold-<k>/ with checkpoint.pt); runs found: "
-                             f"{_describe_runs(runs_root)}")
-        if fold in ("all", None):
-            return run, list(trained)
-        if int(fold) not in trained:
-            raise NH2STError(f"--run {run} has no trained fold {fold} (trained: "
-                             f"{', '.join(map(str, trained))}); train it with `nh2st train --folds {fold}`")
-        return run, [int(fold)]
-    for candidate in find_runs(runs_root):
-        trained = fold_dirs(candidate)
-        if fold in ("all", None) and trained:
-            return candidate, list(trained)
-        if fold not in ("all", None) and int(fold) in trained:
-            return candidate, [int(fold)]
-    wanted = "any trained fold" if fold in ("all", None) else f"fold {fold}"
-    raise NH2STError(f"no run under {runs_root}/ has {wanted}; runs found: {_describe_runs(runs_root)}; "
-                     "train with `nh2st train --store STORE`, or pass --run")
-
-
 # ---- store checks --------------------------------------------------------------------------------------
 def open_run_store(run: dict, fold_dir: Path, store=None) -> EmbeddingStore:
+    # run: the fold's run.json as a dict
     """The store a run was trained on (or `store`), refused if its genes or backbone differ from the run's."""
     if isinstance(store, EmbeddingStore):
         opened = store
@@ -216,9 +116,9 @@ def evaluate_fold(fold_dir, store=None, device="cpu", write: bool = True) -> dic
     same genes and backbone). Returns the metrics dict also written to <fold_dir>/metrics.json.
     """
     fold_dir = Path(fold_dir)
-    run = read_run_json(fold_dir)
+    run = read_info(fold_dir).to_dict()
     opened = open_run_store(run, fold_dir, store)
-    predictor = load_trained(fold_dir, device)
+    predictor = Predictor.load(fold_dir, device)
     genes = predictor.genes
     test_ids = list(run.get("test_samples", []))
     train_ids = list(run.get("train_samples", []))
@@ -254,7 +154,7 @@ def evaluate_fold(fold_dir, store=None, device="cpu", write: bool = True) -> dic
         "hvg_genes": [genes[i] for i in hvg] if hvg is not None else None,
         "value_space": VALUE_SPACE,
         "store": str(opened.path), "run_dir": str(fold_dir),
-        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "nh2st_version": __version__,
+        "evaluated_at": now(), "nh2st_version": __version__,
     }
     if write:
         _write_predictions(fold_dir, per_sample_arrays,
@@ -270,26 +170,33 @@ def _summarise(fold_results: dict[int, dict]) -> dict:
     return {k: metrics.mean_std([r.get(k) for r in fold_results.values()]) for k in metrics.SUMMARY_KEYS}
 
 
-def evaluate(run=None, folds="all", store=None, runs_root="runs", device="cpu", show_progress: bool = True) -> dict:
-    """Evaluate folds of a run and the baselines trained beside it; returns and writes <run>/metrics.json.
+def evaluate(run=None, folds="all", store=None, runs_root="runs", device="cpu", show_progress: bool = True,
+             allow_missing_folds: bool = False) -> dict:
+    """Evaluate folds of a run and the baselines trained beside it.
 
-    folds: "all" (every trained fold), an int, or a list of ints. run: see :func:`resolve_run`.
-    Result: {"run", "folds", "models": {kind: {"folds": {k: fold metrics}, "summary": {metric:
-    {mean, std, n}}}}}, NH²2ST first, then each baseline trained for any of those folds.
+    folds: "all" (every fold of the run's scheme; unfinished ones are an error unless
+    `allow_missing_folds`, and are then listed under "missing_folds"), an int, or a list of ints.
+    run: see nh2st.runs.resolve_run. Result: {"run", "folds", "missing_folds", "models": {kind:
+    {"folds": {k: fold metrics}, "summary": {metric: {mean, std, n}}}}}, NH²2ST first, then each
+    baseline trained for any of those folds. Only folds="all" writes <run>/metrics.json.
     """
     if isinstance(folds, (list, tuple)):
-        run_dir, available = resolve_run(run, "all", runs_root)
-        missing = [int(k) for k in folds if int(k) not in available]
+        run_dir, _ = resolve_run(run, "all", runs_root, allow_missing=True)
+        missing = [int(k) for k in folds if int(k) not in finished_folds(run_dir)]
         if missing:
-            raise NH2STError(f"{run_dir}: no trained fold {', '.join(map(str, missing))} (trained: "
-                             f"{', '.join(map(str, available)) or 'none'})")
+            raise NH2STError(f"{run_dir}: no finished fold {', '.join(map(str, missing))} (finished: "
+                             f"{', '.join(map(str, finished_folds(run_dir))) or 'none'})")
         indices = sorted(int(k) for k in folds)
     else:
-        run_dir, indices = resolve_run(run, folds, runs_root)
+        run_dir, indices = resolve_run(run, folds, runs_root, allow_missing=allow_missing_folds)
+    n_folds = None
+    if folds == "all":
+        n_folds = expected_folds(run_dir)
+    missing_folds = sorted(set(range(n_folds)) - set(indices)) if n_folds else []
     jobs = [("nh2st", k, run_dir / f"fold-{k}") for k in indices]
-    for kind in BASELINE_KINDS:
-        trained = fold_dirs(run_dir / "baselines" / kind)
-        jobs += [(kind, k, trained[k]) for k in indices if k in trained]
+    for kind in BASELINES:
+        finished = finished_folds(run_dir / "baselines" / kind)
+        jobs += [(kind, k, finished[k]) for k in indices if k in finished]
     models: dict[str, dict] = {}
     progress = make_progress(transient=True) if show_progress else None
     if progress:
@@ -305,7 +212,8 @@ def evaluate(run=None, folds="all", store=None, runs_root="runs", device="cpu", 
             progress.stop()
     for entry in models.values():
         entry["summary"] = _summarise(entry["folds"])
-    result = metrics.to_json({"run": str(run_dir), "folds": indices, "value_space": VALUE_SPACE,
-                              "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": models})
-    write_json(run_dir / METRICS, result)
+    result = metrics.to_json({"run": str(run_dir), "folds": indices, "missing_folds": missing_folds,
+                              "value_space": VALUE_SPACE, "evaluated_at": now(), "models": models})
+    if folds == "all":
+        write_json(run_dir / METRICS, result)
     return result

@@ -14,6 +14,12 @@ Definitions (x = prediction, y = truth, i over spots, g over genes):
 - R (the paper)   mean of the 50 highest finite r_g (all of them if fewer than 50 are finite).
                   The paper's code picks these 50 on the test fold itself, so R is optimistic by
                   construction; it is reported because it is the paper's headline number.
+- R released      the released code's own computation, `nanmean(sorted(pcc, reverse=True)[:50])`.
+                  It equals R when no gene's PCC is NaN. With a NaN (a gene constant in a test
+                  fold) Python's sort, for which every comparison with NaN is false, leaves the
+                  list only partly ordered, so its "top 50" may miss some of the best genes and
+                  include worse ones. nh2st drops NaN first (R above); `--protocol paper` runs
+                  report R_released beside it so the paper's numbers can be matched.
 - HVG-50 PCC      mean of r_g over the 50 genes with the highest variance of the *training*
                   samples' targets (HEST-Bench's protocol: genes chosen without looking at the
                   test fold); NaN genes among them are left out and counted.
@@ -94,6 +100,14 @@ def r_top_k(pcc: np.ndarray, k: int = TOP_K) -> float:
     return float(np.asarray(pcc)[best].mean()) if len(best) else math.nan
 
 
+def r_released(pcc: np.ndarray, k: int = TOP_K) -> float:
+    """R exactly as the released code computes it (see the module docstring): NaN-scrambled top-k."""
+    values = [float(v) for v in np.asarray(pcc, dtype=np.float64)]
+    top = sorted(values, reverse=True)[:k]
+    finite = [v for v in top if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def hvg_indices(train_targets: np.ndarray, k: int = TOP_K) -> np.ndarray:
     """(N_train, G) training targets -> indices of the k genes of highest variance over spots, highest first.
 
@@ -112,7 +126,7 @@ def score(pred: np.ndarray, true: np.ndarray, genes: list[str], hvg: np.ndarray 
     """Summary and per-gene metrics of one set of spots (a fold pooled, or one slide).
 
     Returns a JSON-ready dict (NaN as None):
-      n_spots, n_genes, pcc_mean, R, hvg50_pcc (None if `hvg` is None), mse, mae,
+      n_spots, n_genes, pcc_mean, R, R_released, hvg50_pcc (None if `hvg` is None), mse, mae,
       n_nan_genes, nan_genes, n_hvg_nan, top_genes (the k behind R, best first),
       per_gene: {pcc, mse, mae} lists in gene order.
     """
@@ -128,6 +142,7 @@ def score(pred: np.ndarray, true: np.ndarray, genes: list[str], hvg: np.ndarray 
         "n_genes": int(pred.shape[1]),
         "pcc_mean": pcc_mean,
         "R": r_top_k(pcc, k),
+        "R_released": r_released(pcc, k),
         "hvg50_pcc": None,
         "mse": float(mse.mean()),
         "mae": float(mae.mean()),

@@ -197,7 +197,8 @@ def plot_fold(fold_dir, genes: list[str] | None = None, top: int | None = None, 
     the thumbnails extraction stored, when the run's store is still there. samples: restrict rows.
     Files are <out_dir>/<run name>_fold-<k>_<gene>.png.
     """
-    from nh2st.evaluate import PREDICTIONS, evaluate_fold, load_predictions, open_run_store, read_run_json
+    from nh2st.evaluate import PREDICTIONS, evaluate_fold, load_predictions, open_run_store
+    from nh2st.runs import read_info
 
     fold_dir = Path(fold_dir)
     predictions = fold_dir / PREDICTIONS
@@ -213,7 +214,7 @@ def plot_fold(fold_dir, genes: list[str] | None = None, top: int | None = None, 
         arrays = {s: arrays[s] for s in samples}
     thumbnails = dict(thumbnails or {})
     try:
-        opened = open_run_store(read_run_json(fold_dir), fold_dir, store)
+        opened = open_run_store(read_info(fold_dir).to_dict(), fold_dir, store)
     except NH2STError:
         opened = None  # the store is only needed for backgrounds; spots still draw on white
     if opened is not None:

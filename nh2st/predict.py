@@ -26,7 +26,6 @@ This is the one module that uses both stage one (slide, encoder) and stage two (
 """
 
 import os
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,16 +38,17 @@ from nh2st import __version__
 from nh2st.atomic import atomic_write
 from nh2st.encoder import DEFAULT_WEIGHTS, FrozenEncoder
 from nh2st.errors import NH2STError
-from nh2st.evaluate import VALUE_SPACE, fold_dirs, read_run_json
+from nh2st.evaluate import VALUE_SPACE
 from nh2st.extract import encode_sample
 from nh2st.neighbors import knn_index
 from nh2st.progress import make_progress
 from nh2st.slide import open_slide
 from nh2st.store import EmbeddingStore
-from nh2st.training import load_trained
+from nh2st.predictor import Predictor
+from nh2st.runs import RUN_JSON, expected_folds, fold_path, now, read_info, resolve_run
 
 CSV_COLUMNS = ("barcode", "x", "y")
-THUMBNAIL_SIZE = 2000
+HIRES_SIZE = 2000                # scanpy's "hires" image, as Space Ranger writes it
 VISIUM_SPOT_TO_PITCH = 0.55   # 55 µm spots on a 100 µm pitch
 
 
@@ -158,23 +158,28 @@ def read_spots(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- runs and weights --------------------------------------------------------------------------------------
-def resolve_fold_dirs(run, fold: int | None = None, ensemble: bool = False) -> list[Path]:
-    """Fold directories to predict with: a fold folder itself, fold `fold` of a run, or every trained fold."""
+def resolve_fold_dirs(run, fold: int | None = None, ensemble: bool = False,
+                     allow_missing_folds: bool = False) -> list[Path]:
+    """Fold folders to predict with: a fold folder itself, fold `fold` of a run, or every fold of the run.
+
+    Every fold means every fold of the run's scheme: an unfinished one is an error unless
+    `allow_missing_folds`, and then a warning names the folds left out of the mean.
+    """
     run = Path(run)
-    if (run / "run.json").is_file():
-        if ensemble:
-            raise NH2STError(f"--run {run} is a single fold; --ensemble needs the run folder ({run.parent})")
+    if fold is not None and ensemble:
+        raise NH2STError("--fold and --ensemble exclude each other; pass one")
+    if (run / RUN_JSON).is_file() and ensemble:
+        raise NH2STError(f"--run {run} is a single fold; --ensemble needs the run folder ({run.parent})")
+    root, indices = resolve_run(run, "all" if fold is None else fold, allow_missing=allow_missing_folds,
+                                what="predict with")
+    if (run / RUN_JSON).is_file():
         return [run]
-    trained = fold_dirs(run)
-    if not trained:
-        raise NH2STError(f"--run {run}: no trained fold (fold-<k>/ with checkpoint.pt); train with `nh2st train` first")
-    if fold is not None:
-        if ensemble:
-            raise NH2STError("--fold and --ensemble exclude each other; pass one")
-        if fold not in trained:
-            raise NH2STError(f"--fold {fold}: {run} has trained folds {', '.join(map(str, trained))}")
-        return [trained[fold]]
-    return list(trained.values())
+    n_folds = expected_folds(root)
+    left_out = sorted(set(range(n_folds)) - set(indices)) if n_folds and fold is None else []
+    if left_out:
+        warnings.warn(f"{root}: folds {', '.join(map(str, left_out))} have not finished; the prediction is the "
+                      f"mean of folds {', '.join(map(str, indices))} only", UserWarning, stacklevel=2)
+    return [fold_path(root, k) for k in indices]
 
 
 def default_weights(run: dict) -> str:
@@ -259,11 +264,12 @@ def _store_field_of_view(slide, run: dict, mpp: float | None):
 
 def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool = False, weights=None,
                   device: str = "auto", batch_size: int | None = None, show_progress: bool = True,
-                  mpp: float | None = None) -> dict:
+                  allow_missing_folds: bool = False, mpp: float | None = None) -> dict:
     """Predict every spot of `spots` on slide `wsi` with a trained run; writes `out` (.h5ad) atomically.
 
     run: a run folder (runs/<store-name>) or one fold folder. fold: one fold; default (or
-    `ensemble`): the mean over every trained fold. weights: checkpoint path or `random[:seed=N]`
+    `ensemble`): the mean over every fold of the run (all must have finished unless
+    `allow_missing_folds`). weights: checkpoint path or `random[:seed=N]`
     (default: what the run's store used if seeded-random, else weights/tenpercent_resnet18.ckpt);
     its sha256 must equal the run's. mpp: the slide's level-0 µm per pixel when its file has none
     (or is wrong). Returns a summary (out path, folds, spots, spots outside).
@@ -273,8 +279,8 @@ def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool 
     out = Path(out)
     if out.suffix != ".h5ad":
         raise NH2STError(f"--out {out}: give a path ending in .h5ad")
-    folds = resolve_fold_dirs(run, fold, ensemble)
-    runs = [read_run_json(f) for f in folds]
+    folds = resolve_fold_dirs(run, fold, ensemble, allow_missing_folds)
+    runs = [read_info(f).to_dict() for f in folds]
     first = runs[0]
     for f, r in zip(folds[1:], runs[1:]):
         if r.get("store_meta") != first.get("store_meta"):
@@ -283,7 +289,7 @@ def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool 
     weights = weights if weights is not None else default_weights(first)
     encoder = FrozenEncoder(weights, device)
     check_backbone(encoder, first, folds[0], weights)
-    predictors = [load_trained(f, encoder.device) for f in folds]
+    predictors = [Predictor.load(f, encoder.device) for f in folds]
     genes = predictors[0].genes
     if any(p.genes != genes for p in predictors):
         raise NH2STError(f"{run}: folds predict different genes; ensemble folds of one run only")
@@ -299,7 +305,7 @@ def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool 
                           "and their predictions mean nothing. Check that x is the column and y the row in "
                           "full-resolution pixels", UserWarning, stacklevel=2)
         features = encode_spots(slide, pixel_xy, encoder, batch_size, show_progress=show_progress)
-        thumbnail, thumb_scale = slide.thumbnail(THUMBNAIL_SIZE)
+        thumbnail, thumb_scale = slide.thumbnail(HIRES_SIZE)
         slide_size = (int(slide.width), int(slide.height))
     neighbors = knn_index(pixel_xy, int(first.get("store_meta", {}).get("neighbors_k", 9)))
     prediction = np.mean([p.predict(features, neighbors) for p in predictors], axis=0).astype(np.float32)
@@ -316,7 +322,7 @@ def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool 
         "value_space": VALUE_SPACE,
         "wsi": str(Path(wsi).resolve()), "spots": str(Path(spots).resolve()),
         "slide_size": np.array(slide_size, dtype=np.int64), "n_spots_outside_slide": n_outside,
-        "nh2st_version": __version__, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "nh2st_version": __version__, "created_at": now(),
     }
     obs = pd.DataFrame({"pxl_col_in_fullres": pixel_xy[:, 0], "pxl_row_in_fullres": pixel_xy[:, 1],
                         "outside_slide": ~inside}, index=pd.Index(barcodes, name="barcode"))

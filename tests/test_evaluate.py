@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from nh2st import metrics
 from nh2st.config import load_config
 from nh2st.errors import NH2STError
-from nh2st.evaluate import evaluate, evaluate_fold, load_predictions, resolve_run
+from nh2st.evaluate import evaluate, evaluate_fold, load_predictions
+from nh2st.runs import resolve_run
 from nh2st.neighbors import knn_index
 from nh2st.store import EmbeddingStore, StoreMeta
 from store_fixtures import smooth_latent, write_spots
@@ -96,7 +97,12 @@ def test_evaluate_fold_writes_predictions_and_metrics_matching_training(trained)
 
 
 def test_evaluate_all_folds_mean_std_and_baselines(trained):
-    result = evaluate(trained["run"], "all", show_progress=False)
+    # fold 2 of the demo's 3 was never trained: "all" refuses, naming it, unless told otherwise
+    with pytest.raises(NH2STError, match=r"1 of 3 folds have no finished result \(fold 2: not trained"):
+        evaluate(trained["run"], "all", show_progress=False)
+    assert not (trained["run"] / "metrics.json").exists()
+    result = evaluate(trained["run"], "all", show_progress=False, allow_missing_folds=True)
+    assert result["missing_folds"] == [2]
     assert result["folds"] == [0, 1] and list(result["models"]) == ["nh2st", "mean", "ridge"]
     for kind, entry in result["models"].items():
         values = [entry["folds"][str(k)]["pcc_mean"] for k in (0, 1)]
@@ -110,7 +116,10 @@ def test_evaluate_all_folds_mean_std_and_baselines(trained):
     ridge = result["models"]["ridge"]["summary"]
     assert ridge["R"]["mean"] > 0.6 and ridge["R"]["mean"] >= ridge["pcc_mean"]["mean"]
     assert result["models"]["mean"]["summary"]["mse"]["mean"] > ridge["mse"]["mean"]
-    assert json.loads((trained["run"] / "metrics.json").read_text())["folds"] == [0, 1]
+    summary = (trained["run"] / "metrics.json").read_bytes()
+    assert json.loads(summary)["folds"] == [0, 1]
+    evaluate(trained["run"], [1], show_progress=False)           # one fold never clobbers the all-fold summary
+    assert (trained["run"] / "metrics.json").read_bytes() == summary
 
 
 def test_most_recent_run_with_the_fold_and_error_listing_runs(tmp_path):
@@ -126,23 +135,25 @@ def test_most_recent_run_with_the_fold_and_error_listing_runs(tmp_path):
     os.utime(runs / "older" / "fold-1" / "run.json", (now - 100, now - 100))
     assert resolve_run(None, 0, runs) == (runs / "newer", [0])
     assert resolve_run(None, 1, runs) == (runs / "older", [1])
-    assert resolve_run(None, "all", runs) == (runs / "newer", [0])
+    assert resolve_run(None, "all", runs, allow_missing=True) == (runs / "newer", [0])
+    with pytest.raises(NH2STError, match=r"2 of 3 folds have no finished result"):
+        resolve_run(None, "all", runs)
     assert resolve_run(runs / "older" / "fold-1", "all", runs) == (runs / "older", [1])
     with pytest.raises(NH2STError, match=r"has fold 2; runs found: .*newer \(folds 0\); .*older \(folds 0, 1\)"):
         resolve_run(None, 2, runs)
-    with pytest.raises(NH2STError, match="no trained fold 2"):
+    with pytest.raises(NH2STError, match="fold 2: not trained"):
         resolve_run(runs / "older", 2, runs)
 
 
 def test_store_with_other_genes_or_backbone_is_refused(trained, tmp_path):
     fold_dir = trained["run"] / "fold-0"
+    before = (fold_dir / "metrics.json").read_bytes()
     other_genes = build_store(tmp_path / "genes.zarr", genes=[f"OTHER{g}" for g in range(N_GENES)])
     with pytest.raises(NH2STError, match="store genes differ"):
         evaluate_fold(fold_dir, store=other_genes)
     other_backbone = build_store(tmp_path / "backbone.zarr", weights_sha256="f" * 64)
     with pytest.raises(NH2STError, match="weights_sha256.*another backbone"):
         evaluate_fold(fold_dir, store=other_backbone)
-    before = (fold_dir / "metrics.json").read_bytes()
     assert (fold_dir / "metrics.json").read_bytes() == before  # nothing written on refusal
 
 
@@ -156,8 +167,11 @@ def test_cli_eval_json_and_table(trained, monkeypatch):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["folds"] == [1] and data["models"]["nh2st"]["folds"]["1"]["n_genes"] == N_GENES
-    table = runner.invoke(app, ["eval", "--run", "runs/synth", "--fold", "all"])
+    refused = runner.invoke(app, ["eval", "--run", "runs/synth", "--fold", "all"])
+    assert isinstance(refused.exception, NH2STError) and "--allow-missing-folds" in str(refused.exception)
+    table = runner.invoke(app, ["eval", "--run", "runs/synth", "--fold", "all", "--allow-missing-folds"])
     assert table.exit_code == 0, table.output
+    assert "folds 2 have not finished" in table.output
     assert "mean ± std" in table.stdout and "ridge" in table.stdout
     missing = runner.invoke(app, ["eval", "--fold", "2"])
     assert isinstance(missing.exception, NH2STError)   # cli.main.main prints it and exits 1
@@ -208,13 +222,17 @@ def test_predict_writes_h5ad_with_provenance_and_warns_outside(predict_setup, tm
     from nh2st.encoder import FrozenEncoder
     from nh2st.predict import predict_slide
     from nh2st.slide import open_slide
-    from nh2st.training import load_trained
+    from nh2st.predictor import Predictor
 
     s = predict_setup
     out = tmp_path / "pred.h5ad"
-    with pytest.warns(UserWarning, match=r"1 of 5 spot centres lie outside the slide .*edge"):
+    with pytest.raises(NH2STError, match=r"fold 2: not trained.*--allow-missing-folds to predict with the others"):
+        predict_slide(s["run"], s["slide"], s["spots"], out, weights="random:seed=0", device="cpu",
+                      show_progress=False)
+    with pytest.warns(UserWarning, match=r"1 of 5 spot centres lie outside the slide .*edge"), \
+            pytest.warns(UserWarning, match=r"folds 2 have not finished; the prediction is the mean of folds 0, 1 only"):
         summary = predict_slide(s["run"], s["slide"], s["spots"], out, weights="random:seed=0", device="cpu",
-                                show_progress=False)
+                                show_progress=False, allow_missing_folds=True)
     assert summary["folds"] == [0, 1] and summary["n_outside"] == 1
     adata = anndata.read_h5ad(out)
     table = s["spots_table"]
@@ -235,7 +253,7 @@ def test_predict_writes_h5ad_with_provenance_and_warns_outside(predict_setup, tm
     assert (patches[-1][:100] == 255).all()
     maps, _ = encoder.encode(patches)
     neighbors = knn_index(table[["x", "y"]].to_numpy(), 9)
-    expected = np.mean([load_trained(s["run"] / f"fold-{k}").predict(maps, neighbors) for k in (0, 1)], axis=0)
+    expected = np.mean([Predictor.load(s["run"] / f"fold-{k}").predict(maps, neighbors) for k in (0, 1)], axis=0)
     np.testing.assert_allclose(adata.X, expected, rtol=1e-5, atol=1e-5)
 
     single = tmp_path / "fold1.h5ad"
@@ -257,11 +275,12 @@ def test_predict_bad_inputs(predict_setup, tmp_path):
     out.write_bytes(b"previous result")
     with pytest.raises(NH2STError, match=r"--weights random:seed=1: sha256 .* is not the backbone"):
         predict_slide(s["run"], s["slide"], s["spots"], out, weights="random:seed=1", device="cpu",
-                      show_progress=False)
+                      show_progress=False, allow_missing_folds=True)
     with pytest.raises(NH2STError, match="missing column"):
-        predict_slide(s["run"], s["slide"], bad_csv, out, weights="random:seed=0", device="cpu", show_progress=False)
+        predict_slide(s["run"], s["slide"], bad_csv, out, weights="random:seed=0", device="cpu", show_progress=False,
+                      allow_missing_folds=True)
     assert out.read_bytes() == b"previous result"   # nothing written on refusal
-    with pytest.raises(NH2STError, match="--fold 5"):
+    with pytest.raises(NH2STError, match="fold 5: not trained"):
         predict_slide(s["run"], s["slide"], s["spots"], out, fold=5, device="cpu", show_progress=False)
 
 

@@ -95,3 +95,17 @@ def test_mean_std_over_folds_skips_missing():
     out = metrics.mean_std([0.2, None, 0.4, float("nan")])
     assert out == {"mean": pytest.approx(0.3), "std": pytest.approx(0.1), "n": 2}
     assert metrics.mean_std([None]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_r_released_is_the_released_codes_nan_scrambled_top_k():
+    pcc = np.array([0.9, np.nan, 0.1, 0.8, 0.7, 0.2])
+    # Python's sort compares NaN as neither larger nor smaller, so the list stays partly unordered
+    expected = np.nanmean(sorted(pcc.tolist(), reverse=True)[:3])
+    assert metrics.r_released(pcc, 3) == pytest.approx(expected)
+    assert metrics.r_top_k(pcc, 3) == pytest.approx(np.mean([0.9, 0.8, 0.7]))
+    assert metrics.r_released(pcc, 3) != pytest.approx(metrics.r_top_k(pcc, 3))
+    clean = np.array([0.9, 0.1, 0.8, 0.7, 0.2])
+    assert metrics.r_released(clean, 3) == pytest.approx(metrics.r_top_k(clean, 3))
+    scored = metrics.score(np.random.default_rng(0).random((20, 6)), np.random.default_rng(1).random((20, 6)),
+                           [f"g{i}" for i in range(6)], k=3)
+    assert scored["R_released"] == pytest.approx(scored["R"])

@@ -152,3 +152,28 @@ def test_channel_input_norm_uses_training_statistics_and_raw_maps_for_hyperedges
     normalised = (maps - model.feature_mean) / model.feature_std
     torch.testing.assert_close(model.predict(maps[unique], local, raw_operator),
                                plain.predict(normalised[unique], local, raw_operator))
+
+
+def test_hypergraph_encoder_is_the_released_one_relu_after_both_convolutions_and_glorot_weights():
+    """Released NH²2ST: HypergraphConv (Glorot weights, zero bias) -> ReLU -> HypergraphConv -> ReLU -> mean over nodes."""
+    import math
+
+    from nh2st.model.hypergraph import HypergraphEncoder, hypergraph_operator
+
+    torch.manual_seed(0)
+    encoder = HypergraphEncoder(96, 64, 32)
+    for conv in (encoder.conv1, encoder.conv2):
+        fan_out, fan_in = conv.lin.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert conv.lin.weight.abs().max() <= bound
+        assert conv.lin.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+        assert torch.count_nonzero(conv.bias) == 0
+    nodes = torch.randn(5, 9, 96)
+    operator = hypergraph_operator(nodes, 3)
+    with torch.no_grad():
+        encoder.conv2.bias.fill_(-0.5)            # pushes pre-activations negative: a missing ReLU would show
+        out = encoder(encoder.project(nodes), operator)
+        hidden = torch.relu(operator @ encoder.conv1.lin(nodes) + encoder.conv1.bias)
+        expected = torch.relu(operator @ encoder.conv2.lin(hidden) + encoder.conv2.bias).mean(dim=1)
+    torch.testing.assert_close(out, expected)
+    assert (out >= 0).all() and (out == 0).any()

@@ -185,26 +185,6 @@ def test_cli_errors_are_nh2st_errors():
     assert result.exit_code != 0 and isinstance(result.exception, NH2STError)
 
 
-@pytest.mark.parametrize("name", ["stnet", "skin", "pcw", "mouse", "int", "zen"])
-def test_shipped_config_has_the_papers_settings(name):
-    from pathlib import Path
-
-    from nh2st.config import load_config
-    from nh2st.datasets import get_dataset
-
-    config = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
-    t, m, d = config.TRAINING, config.MODEL, config.DATASET
-    assert (config.GENERAL.seed, t.batch_size, t.learning_rate, t.num_epochs, t.optimizer) == (2021, 8, 5e-4, 200, "adam")
-    assert (t.early_stopping.monitor, t.early_stopping.patience, t.early_stopping.mode) == ("R", 20, "max")
-    assert (t.lr_scheduler.step_size, t.lr_scheduler.gamma) == (50, 0.9)
-    assert (m.emb_dim, m.depth1, m.num_heads1, m.mlp_ratio1, m.dropout1, m.res_neighbor) == (512, 1, 8, 1.0, 0.5, [5, 5])
-    assert (m.temperature1, m.temperature2, m.loss_ratio1, m.loss_ratio2) == (0.05, 0.05, 1.0, 0.5)
-    spec = get_dataset(d.type)
-    assert spec.name == name and d.gene_list == spec.gene_list and d.data_dir == spec.data_root
-    assert (d.num_neighbors, d.radius, d.fold_scheme) == (9, 224, "paper")
-    assert t.num_k == len(quiet_folds(name))
-
-
 # ---- folds for any dataset -------------------------------------------------------------------------------
 OWN = ["S05", "S01", "S03", "S02", "S04", "S06", "S07"]
 

@@ -13,7 +13,10 @@ from nh2st.config import load_config
 from nh2st.errors import NH2STError
 from nh2st.splits import folds
 from nh2st.store import EmbeddingStore, StoreMeta, load_spots
-from nh2st.training import FoldSpots, carve_validation, default_config_path, fit, load_trained, main, train_fold
+from nh2st.config import default_config_path
+from nh2st.predictor import Predictor
+from nh2st.training import FoldSpots, carve_validation, fit, train_fold
+from nh2st.training.__main__ import main
 from store_fixtures import smooth_latent, write_spots
 
 torch.set_num_threads(2)
@@ -90,13 +93,13 @@ def test_nh2st_beats_mean_and_ridge_and_loss_decreases(store_path, tmp_path):
     assert run["best_epoch"] == max(range(len(log)), key=lambda e: log[e]["val_R"])
 
     # the saved checkpoint, through the public Predictor, reproduces the test metrics
-    predictor = load_trained(run_dir)
+    predictor = Predictor.load(run_dir)
     assert predictor.genes == [f"GENE{g}" for g in range(N_GENES)] and predictor.meta["fold"] == 0
     test = load_spots(EmbeddingStore.open(store_path), fold.test)
     pred = predictor.predict(torch.from_numpy(test["features"]), torch.from_numpy(test["neighbors"]))
     from nh2st.metrics import score
     assert score(pred, test["targets"], predictor.genes)["pcc_mean"] == pytest.approx(nh2st["pcc_mean"], abs=1e-5)
-    ridge_pred = load_trained(run_dir.parent / "baselines" / "ridge" / "fold-0").predict(test["features"], test["neighbors"])
+    ridge_pred = Predictor.load(run_dir.parent / "baselines" / "ridge" / "fold-0").predict(test["features"], test["neighbors"])
     assert score(ridge_pred, test["targets"], predictor.genes)["R"] == pytest.approx(ridge["R"], abs=1e-5)
 
 
@@ -109,7 +112,7 @@ def test_test_fold_expression_never_reaches_predictions(tmp_path):
     second = train_fold(changed, 1, cfg, tmp_path / "runs-b", show_progress=False)
     assert first["mse"] != second["mse"]                                   # the test targets did change ...
     test = load_spots(EmbeddingStore.open(changed), fold.test)
-    outputs = [load_trained(run / "synth" / "fold-1").predict(test["features"], test["neighbors"])
+    outputs = [Predictor.load(run / "synth" / "fold-1").predict(test["features"], test["neighbors"])
                for run in (tmp_path / "runs-a", tmp_path / "runs-b")]
     np.testing.assert_array_equal(outputs[0], outputs[1])                  # ... the predictions did not
 
@@ -124,7 +127,7 @@ def test_paper_protocol_selects_on_the_test_fold_and_says_so(store_path, tmp_pat
     log = read(run_dir / "log.json")
     assert result["R"] == pytest.approx(max(row["val_R"] for row in log), abs=1e-6)   # selected on test R
     # the Predictor (hyperedges from raw maps, channel statistics from the checkpoint) scores the same
-    predictor = load_trained(run_dir)
+    predictor = Predictor.load(run_dir)
     assert predictor.model.feature_std.flatten().std() > 0
     test = load_spots(EmbeddingStore.open(store_path), run["test_samples"])
     from nh2st.metrics import score
@@ -132,11 +135,11 @@ def test_paper_protocol_selects_on_the_test_fold_and_says_so(store_path, tmp_pat
                  predictor.genes)["R"] == pytest.approx(result["R"], abs=1e-5)
 
 
-def test_interrupt_while_saving_keeps_the_best_checkpoint(store_path, tmp_path, monkeypatch):
+def test_interrupt_while_saving_keeps_the_finished_fold(store_path, tmp_path, monkeypatch):
     cfg = small_config("TRAINING.num_epochs=2")
     train_fold(store_path, 0, cfg, tmp_path, show_progress=False)
     run_dir = tmp_path / "synth" / "fold-0"
-    before = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
 
     def interrupted_save(obj, path, *args, **kwargs):
         with open(path, "wb") as fh:
@@ -145,13 +148,12 @@ def test_interrupt_while_saving_keeps_the_best_checkpoint(store_path, tmp_path, 
 
     monkeypatch.setattr(torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        train_fold(store_path, 0, small_config("TRAINING.num_epochs=2", "GENERAL.seed=7"), tmp_path, show_progress=False)
-    after = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert after["epoch"] == before["epoch"]
-    for key, value in before["model"].items():
-        assert torch.equal(after["model"][key], value)
-    assert read(run_dir / "run.json")["status"] == "interrupted"
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+        train_fold(store_path, 0, small_config("TRAINING.num_epochs=2", "GENERAL.seed=7"), tmp_path,
+                   show_progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before        # the finished fold is untouched
+    partial = tmp_path / "synth" / "fold-0.partial"
+    assert read(partial / "run.json")["status"] == "interrupted"
+    assert sorted(p.name for p in partial.iterdir() if p.name.startswith(".")) == []   # no temp files left
 
 
 def test_fit_runs_on_tensors_without_a_store(tmp_path):
@@ -207,7 +209,7 @@ def test_cli_trains_chosen_folds_and_prints_the_table(store_path, tmp_path):
     assert "R top-50" in result.stdout and "mean" in result.stdout
     assert sorted(p.name for p in (tmp_path / "synth" / "baselines" / "ridge").iterdir()) == ["fold-0", "fold-2"]
     bad = runner.invoke(app, ["train", "--store", str(store_path), "--folds", "7", "--runs-dir", str(tmp_path)])
-    assert bad.exit_code != 0 and isinstance(bad.exception, NH2STError) and "folds 0..2" in str(bad.exception)
+    assert bad.exit_code != 0 and isinstance(bad.exception, NH2STError) and "has folds 0, 1, 2" in str(bad.exception)
 
 
 def test_demo_config_is_found_and_valid():

@@ -74,6 +74,7 @@ class HypergraphConv(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.lin = nn.Linear(in_features, out_features, bias=False)
+        nn.init.xavier_uniform_(self.lin.weight)     # torch_geometric's HypergraphConv: Glorot weights, zero bias
         self.bias = nn.Parameter(torch.zeros(out_features))
 
     def propagate(self, projected: torch.Tensor, operator: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ class HypergraphConv(nn.Module):
 
 
 class HypergraphEncoder(nn.Module):
-    """Two hypergraph convolutions (ReLU between), then the mean over nodes.
+    """Two hypergraph convolutions, a ReLU after each (as the released code), then the mean over nodes.
 
     Call ``project`` on the features of each unique spot, gather its rows into neighbourhoods
     (S, k, hidden), then ``forward(projected, operator) -> (S, out_features)``.
@@ -102,4 +103,4 @@ class HypergraphEncoder(nn.Module):
 
     def forward(self, projected: torch.Tensor, operator: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(self.conv1.propagate(projected, operator))
-        return self.conv2(hidden, operator).mean(dim=1)
+        return torch.relu(self.conv2(hidden, operator)).mean(dim=1)

@@ -21,11 +21,9 @@ standardises each channel with the training spots' mean and std (buffers set by
 import torch
 from torch import nn
 
+from nh2st.config import INPUT_NORMS, PREDICT_FROM
 from nh2st.model.attention import FusionEncoder
 from nh2st.model.hypergraph import HypergraphEncoder, hypergraph_operator
-
-PREDICT_FROM = ("query", "query+neighbors")
-INPUT_NORMS = ("none", "channel")
 
 
 class NH2ST(nn.Module):

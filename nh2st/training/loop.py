@@ -1,0 +1,203 @@
+"""The training loop: `fit` reads top to bottom, one epoch at a time, like nanoGPT's train.py.
+
+Each epoch: shuffle the training rows (seeded by epoch), step through fixed batches, score the
+selection split, keep the best state, write the log; stop early when the monitored value has not
+improved for `patience` epochs. The best model goes to checkpoint.pt whenever it improves; the
+whole training state (model, optimizer, scheduler, RNG, history) goes to last.pt at most once per
+`save_every_s` seconds and at the last epoch, so `resume=True` continues an interrupted fold
+exactly where that state was taken.
+"""
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.progress import TextColumn
+
+from nh2st import metrics
+from nh2st.config import MONITORS, Config
+from nh2st.errors import NH2STError
+from nh2st.model import NH2ST, batch_rows, nh2st_loss
+from nh2st.predictor import Predictor, autocast
+from nh2st.progress import make_progress
+from nh2st.runs import CHECKPOINT, LAST, LOG_CSV, LOG_JSON, load_checkpoint, save_checkpoint, write_json
+from nh2st.training.data import FoldSpots
+
+LOG_FIELDS = ("epoch", "train_loss", "val_loss", "val_R", "val_pcc", "lr", "seconds", "spots_per_s")
+SAVE_EVERY_S = 60.0
+
+
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def checkpoint_state(model_kind: str, state: dict, cfg: Config, genes: list[str], feature_shape, epoch: int) -> dict:
+    """checkpoint.pt: what Predictor.load needs."""
+    return {"model": state, "model_kind": model_kind, "config": cfg.to_dict(), "genes": list(genes),
+            "feature_shape": list(feature_shape), "epoch": int(epoch)}
+
+
+def write_log(run_dir: Path, history: list[dict]) -> None:
+    import csv
+    import io
+
+    from nh2st.atomic import atomic_write
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_FIELDS})
+    atomic_write(run_dir / LOG_CSV, lambda tmp: tmp.write_text(buffer.getvalue()))
+    write_json(run_dir / LOG_JSON, history)
+
+
+def make_optimizer(model: torch.nn.Module, training) -> torch.optim.Optimizer:
+    optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[training.optimizer]
+    # fused: one kernel over all parameters; on CPU ~7x faster than the per-tensor loop for these 38 M weights
+    return optimizer(model.parameters(), lr=training.learning_rate, fused=True)
+
+
+def better(value: float | None, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    if value is None or not math.isfinite(value):
+        return False
+    return value > best if mode == "max" else value < best
+
+
+def shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Every rank gets the same number of rows (the permutation wraps around), like DistributedSampler."""
+    if world == 1:
+        return order
+    pad = (-len(order)) % world
+    return torch.cat([order, order[:pad]])[rank::world]
+
+
+def train_epoch(net, spots: FoldSpots, rows: torch.Tensor, optimizer, cfg: Config, on_step=None) -> tuple[torch.Tensor, int]:
+    """One pass over `rows` (already shuffled) in batches; returns (sum of batch losses on device, steps)."""
+    operator = spots.operator if cfg.MODEL.neighbor_branch else None
+    device = spots.features.device
+    loss_sum, n_steps = torch.zeros((), device=device), 0
+    for batch in rows.split(cfg.TRAINING.batch_size):
+        unique, local = batch_rows(spots.neighbors[batch])
+        with autocast(device):
+            out = net(spots.features[unique], local, None if operator is None else operator[batch],
+                      spots.targets[unique])
+            loss, _ = nh2st_loss(out, spots.targets[batch], cfg.MODEL)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        n_steps += 1
+        if on_step is not None:
+            on_step()
+    return loss_sum, n_steps
+
+
+def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[str], select: str | None,
+        show_progress: bool = True, label: str = "train", resume: bool = False,
+        save_every_s: float | None = None) -> dict:
+    """Train `model` on spots.split["train"], selecting on spots.split[select]; returns the best state.
+
+    select None keeps the last epoch. Writes (rank 0) log.csv / log.json every epoch, checkpoint.pt
+    when the monitored value improves and last.pt as described above.
+    Returns {"state", "best_epoch", "best_value", "history"}.
+    """
+    t, device = cfg.TRAINING, spots.features.device
+    run_dir = Path(run_dir)
+    save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
+    rank, world = rank_world()
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_scheduler.step_size, t.lr_scheduler.gamma)
+    monitor, natural = MONITORS[t.early_stopping.monitor]
+    mode = natural if t.early_stopping.mode == "auto" else t.early_stopping.mode     # validated to agree
+    train_rows = spots.split["train"]
+    if len(train_rows) == 0:
+        raise NH2STError(f"{run_dir}: the fold has no training spots")
+    hvg = metrics.hvg_indices(spots.targets[train_rows].cpu().numpy())
+    predictor = Predictor("nh2st", genes, cfg, model.feature_shape, model=model, device=device)
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / t.batch_size)
+    history, best, best_epoch, best_state, stale, start, stopped = [], None, -1, None, 0, 0, False
+
+    if resume and (run_dir / LAST).is_file():
+        last = load_checkpoint(run_dir / LAST)
+        model.load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
+        torch.set_rng_state(last["rng"])
+        history, best, best_epoch, stale = last["history"], last["best"], last["best_epoch"], last["stale"]
+        stopped = last["stopped"]
+        if device.type == "cuda" and last.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(last["cuda_rng"], device)
+        start = last["epoch"] + 1
+        if best_epoch >= 0:
+            best_state = {k: v.to(device) for k, v in load_checkpoint(run_dir / CHECKPOINT)["model"].items()}
+    last_saved = time.monotonic()
+
+    progress = make_progress(TextColumn("{task.fields[info]}")) if show_progress and rank == 0 else None
+    with progress or nullcontext():
+        task = progress.add_task(label, total=t.num_epochs * steps_per_epoch, completed=start * steps_per_epoch,
+                                 info="") if progress else None
+        for epoch in range(start, t.num_epochs):
+            if stopped:
+                break      # a resumed run that had already stopped early
+            started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            model.train()
+            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.GENERAL.seed + epoch))
+            rows = train_rows[shard(order, rank, world).to(device)]
+            loss_sum, n_steps = train_epoch(net, spots, rows, optimizer, cfg,
+                                            (lambda: progress.advance(task)) if progress else None)
+            scheduler.step()
+            if world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            train_seconds = time.perf_counter() - started
+            row = {"epoch": epoch, "train_loss": loss_sum.item() / max(n_steps, 1),
+                   "lr": lr, "spots_per_s": len(train_rows) / train_seconds}
+            if select is not None:
+                rows = spots.split[select]
+                scores = metrics.score(predictor.predict(spots.features, spots.neighbors, rows, spots.operator),
+                                       spots.targets[rows].cpu().numpy(), genes, hvg)
+                row.update(val_loss=scores["mse"], val_R=scores["R"], val_pcc=scores["pcc_mean"])
+            row["seconds"] = time.perf_counter() - started
+            history.append(row)
+
+            value = row.get(monitor) if select is not None else epoch
+            if select is None or better(value, best, mode):
+                best, best_epoch, stale = value, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if rank == 0:
+                    save_checkpoint(run_dir / CHECKPOINT,
+                                    checkpoint_state("nh2st", {k: v.cpu() for k, v in best_state.items()}, cfg,
+                                                     genes, model.feature_shape, epoch))
+            else:
+                stale += 1
+            stopping = select is not None and stale >= t.early_stopping.patience
+            if rank == 0:
+                write_log(run_dir, history)
+                if stopping or epoch == t.num_epochs - 1 or time.monotonic() - last_saved >= save_every_s:
+                    save_checkpoint(run_dir / LAST, {
+                        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "epoch": epoch, "history": history, "best": best, "best_epoch": best_epoch,
+                        "stale": stale, "stopped": stopping})
+                    last_saved = time.monotonic()
+            if progress:
+                shown = f"val R {row['val_R']:.3f}" if row.get("val_R") is not None else ""
+                progress.update(task, info=f"epoch {epoch + 1}/{t.num_epochs} · loss {row['train_loss']:.4f} · "
+                                           f"{shown} · {row['spots_per_s']:.0f} spots/s")
+            if stopping:
+                break
+        if progress:
+            progress.update(task, completed=t.num_epochs * steps_per_epoch)
+    return {"state": best_state, "best_epoch": best_epoch, "best_value": best, "history": history}

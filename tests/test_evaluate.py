@@ -368,8 +368,9 @@ def test_plot_predictions_of_a_new_slide(predict_setup, tmp_path):
 
     s = predict_setup
     out = tmp_path / "pred.h5ad"
-    with pytest.warns(UserWarning):   # the off-slide spot
-        predict_slide(s["run"], s["slide"], s["spots"], out, weights="random:seed=0", device="cpu", show_progress=False)
+    with pytest.warns(UserWarning):   # the off-slide spot, the untrained fold
+        predict_slide(s["run"], s["slide"], s["spots"], out, weights="random:seed=0", device="cpu", show_progress=False,
+                      allow_missing_folds=True)
     runner = CliRunner()
     result = runner.invoke(app, ["plot", "--predictions", str(out), "--genes", "GENE003", "--top", "1",
                                  "--out", str(tmp_path / "plots")])

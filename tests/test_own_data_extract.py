@@ -44,6 +44,11 @@ def test_visium_end_to_end_with_hvg_genes(tmp_path, monkeypatch):
     expected = [make_visium_sample(root, "S1", GENES, positions="csv", seed=1),
                 make_visium_sample(root, "S2", GENES, positions="list", seed=2, n_rows=3)]
     store_path = tmp_path / "visium.zarr"
+    with pytest.raises(NH2STError, match=r"--genes hvg:11: only 10 genes are present \(in all 2 samples"):
+        run_extract("visium", data_root=root, store_path=store_path, weights="random", genes="hvg:11", progress=False)
+    with pytest.raises(NH2STError, match="--dataset visium has no shipped gene list"):
+        run_extract("visium", data_root=root, store_path=store_path, weights="random", progress=False)
+    assert not store_path.exists()   # refused before anything was written
     summary = run_extract("visium", data_root=root, store_path=store_path, weights="random", genes="hvg:5",
                           device="cpu", batch_size=16, progress=False)
     assert summary["n_extracted"] == 2
@@ -132,3 +137,19 @@ def test_visium_on_the_shared_aperio_svs(tmp_path):
     crops = [reference.read_region((int(x) - 112, int(y) - 112), 0, (224, 224), as_array=True) for x, y in exp.pixel_xy]
     _check_features(store, "CMU1", crops, FrozenEncoder("random", "cpu"))
     np.testing.assert_array_equal(store.read_sample("CMU1", ["counts"])["counts"], exp.counts)
+
+
+def test_cli_extract_passes_genes_image_dir_and_mpp(tmp_path):
+    from cli.main import app
+
+    root = tmp_path / "sr"
+    make_visium_sample(root, "S1", GENES, seed=1)
+    runner = CliRunner()
+    cases = [(["--dataset", "stnet", "--mpp", "0.5"], "--mpp is for your own slides"),
+             (["--dataset", "visium", "--data-root", str(root), "--image-dir", str(tmp_path / "none")],
+              "--image-dir " + str(tmp_path / "none") + ": folder not found"),
+             (["--dataset", "visium", "--data-root", str(root), "--genes", "hvg:0"], "N must be a positive whole number"),
+             (["--dataset", "visium", "--data-root", str(root), "--genes", "heg:99"], "--genes heg:99: only 10 genes")]
+    for args, message in cases:
+        result = runner.invoke(app, ["extract", *args, "--store", str(tmp_path / "s.zarr"), "--weights", "random"])
+        assert isinstance(result.exception, NH2STError) and message in str(result.exception), result.output

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 
 from hest_fixtures import expected_crop
 from nh2st.datasets import get_dataset
@@ -41,6 +42,8 @@ def test_load_sample_joins_barcodes_and_keeps_in_tissue_spots(tmp_path, position
     np.testing.assert_array_equal(sample.grid_xy, exp.grid_xy)
     np.testing.assert_array_equal(sample.counts, exp.counts)
     assert isinstance(sample.slide, TiffSlide) and (sample.slide.width, sample.slide.height) == (exp.width, exp.height)
+    with tifffile.TiffFile(exp.image) as tif:
+        assert tif.is_bigtiff
     assert sample.meta["patch"]["rule"] == "native" and sample.meta["patch"]["slide_mpp"] == pytest.approx(0.5)
     assert sample.meta["spots_in_positions"] == len(exp.barcodes) + 2 and sample.meta["genes_matched_on"] == "name"
     x, y = sample.pixel_xy[4]   # the patch is centred on (pxl_col, pxl_row) = (x, y), not swapped

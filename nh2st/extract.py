@@ -188,12 +188,15 @@ def choose_genes(spec, root, sample_ids, genes: str | None, store_path, overwrit
     """
     from nh2st.expression import RANKINGS, parse_gene_choice
 
-    if not overwrite and (Path(store_path) / "zarr.json").is_file():
-        made = EmbeddingStore.open(store_path).meta
-        previous = made.gene_selection or {}
-        same_ranking = genes is not None and genes.split(":")[0].lower() in RANKINGS \
-            and previous.get("spec") == parse_gene_choice(genes).spec
-        if same_ranking or (genes is None and spec.gene_list is None and previous):
+    choice = parse_gene_choice(genes) if genes is not None else None
+    reusable = choice.kind in RANKINGS if choice is not None else spec.gene_list is None
+    if reusable and not overwrite and (Path(store_path) / "zarr.json").is_file():
+        try:
+            made = EmbeddingStore.open(store_path).meta
+        except NH2STError:  # not a store, or another writer is creating it: open_for_writing says which
+            made = None
+        previous = made.gene_selection if made is not None else {}
+        if previous and (choice is None or previous.get("spec") == choice.spec):
             return list(made.genes), previous
     return spec.choose_genes(root, sample_ids, genes, show_progress)
 

@@ -338,6 +338,8 @@ class ScannerSlide(Slide):
         ix1, iy1 = min(x0 + w, lw), min(y0 + h, lh)
         if ix0 >= ix1 or iy0 >= iy1:
             return out
+        if self._slide is None:
+            raise NH2STError(f"{self.path}: slide was closed; open it again with open_slide")
         # tiffslide takes the location in level-0 pixels and maps it back with int(loc / downsample)
         ds = self._downsamples[level]
         location = (math.ceil(ix0 * ds), math.ceil(iy0 * ds))

@@ -13,7 +13,6 @@ still load (`config_from_checkpoint`).
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,6 @@ MONITORS = {"R": ("val_R", "max"), "pcc": ("val_pcc", "max"), "loss": ("val_loss
 OPTIMIZERS = ("adam", "adamw")
 PREDICT_FROM = ("query", "query+neighbors")
 INPUT_NORMS = ("none", "channel")
-FOLD_SCHEME = re.compile(r"^(paper|patient|loo|kfold:([2-9]|[1-9]\d+))$")
 
 
 @dataclass
@@ -91,7 +89,7 @@ class Model:
 
 @dataclass
 class Dataset:
-    fold_scheme: str = "paper"     # paper | patient | kfold:K | loo (nh2st.splits); --split overrides
+    fold_scheme: str = "paper"     # paper | patient | patient:K | kfold:K | loo (nh2st.splits); --split overrides
     num_neighbors: int = 9         # must equal the store's neighbour index width
     radius: int = 224              # the patch side in level-0 pixels; must equal the store's patch size
 
@@ -142,7 +140,6 @@ CHOICES = {
     "TRAINING.early_stopping.mode": ("auto", "max", "min"),
     "MODEL.predict_from": PREDICT_FROM,
     "MODEL.input_norm": INPUT_NORMS,
-    "DATASET.fold_scheme": FOLD_SCHEME,
 }
 
 
@@ -168,12 +165,16 @@ def _check_value(key: str, value, where: str):
             raise _invalid(key, where, f"a{'n int' if kind == 'int' else ' float'} in the range "
                            f"{_interval(low, high, low_open, high_open)}", value)
         return value
+    if key == "DATASET.fold_scheme":
+        from nh2st.splits import SPLITS, parse_split
+
+        try:
+            parse_split(value if isinstance(value, str) else repr(value))
+        except NH2STError:
+            raise _invalid(key, where, f"one of {', '.join(SPLITS)}", value) from None
+        return value
     if key in CHOICES:
         choices = CHOICES[key]
-        if isinstance(choices, re.Pattern):
-            if not (isinstance(value, str) and choices.match(value)):
-                raise _invalid(key, where, "one of paper, patient, loo or kfold:K (K >= 2)", value)
-            return value
         if value not in choices:
             raise _invalid(key, where, f"a str among {{{', '.join(repr(c) for c in choices)}}}", value)
         return value

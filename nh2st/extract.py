@@ -128,12 +128,18 @@ class ExtractJob:
     batch_size: int | None = None
     workers: int | None = None       # crop threads per encoder; None: chosen per device
     encoders_per_machine: int = 1    # encoders sharing this machine's cores (--gpus)
+    gene_selection: dict | None = None   # how `genes` was chosen (choose_genes)
+    image_dir: str | None = None     # reader options of own data (visium, hest)
+    mpp: float | None = None
+
+    def spec(self):
+        return get_dataset(self.dataset).with_options(image_dir=self.image_dir, mpp=self.mpp)
 
     def meta(self, encoder: FrozenEncoder) -> StoreMeta:
         return StoreMeta(dataset=self.dataset, genes=self.genes, backbone=encoder.name, weights=encoder.weights,
                          weights_sha256=encoder.weights_sha256, patch_size=encoder.patch_size,
                          feature_shape=encoder.feature_shape, neighbors_k=NEIGHBORS_K,
-                         normalisation=dict(NORMALISATION))
+                         normalisation=dict(NORMALISATION), gene_selection=self.gene_selection or {})
 
     def batch_and_workers(self, encoder: FrozenEncoder) -> tuple[int, int]:
         if self.workers is not None:
@@ -149,27 +155,27 @@ class ExtractJob:
 def run_extract(dataset: str, data_root=None, store_path=None, weights=None, samples=None,
                 device: str = "auto", batch_size: int | None = None, overwrite: bool = False,
                 allow_missing_genes: bool = False, workers: int | None = None,
-                progress: bool = True,
-                devices: list[str] | None = None,
-                scheduler: str | None = None) -> dict:
+                progress: bool = True, genes: str | None = None, image_dir=None, mpp: float | None = None,
+                devices: list[str] | None = None, scheduler: str | None = None) -> dict:
     """Build or complete the embedding store of `dataset`; returns (and saves) a run summary.
 
     data_root: default the dataset's (`data/...`); store_path: default `stores/<dataset>.zarr`;
     weights: checkpoint path or `random[:seed=N]` (default: weights/tenpercent_resnet18.ckpt,
-    `random` for the demo); samples: sample ids overriding the dataset's list.
+    `random` for the demo); samples: sample ids overriding the dataset's list; genes: FILE, hvg:N or
+    heg:N (default: the paper's list; see choose_genes); image_dir, mpp: own-data reader options.
     Samples already complete in the store are skipped, and so are samples another writer is
     writing (status "claimed"); a store made with other weights, genes or patch size is refused
     unless `overwrite`. devices: one encoder per device (`["cuda:0", "cuda:1"]`), each in a worker
     process of a local dask cluster; scheduler: address of a dask.distributed scheduler whose
     workers share the data, weights and store paths.
     """
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset).with_options(image_dir=image_dir, mpp=mpp)
     root = Path(data_root if data_root is not None else spec.data_root)
     store_path = Path(store_path) if store_path is not None else default_store_path(spec.name)
-    genes = spec.genes()
     sample_ids = list(dict.fromkeys(samples)) if samples else spec.find_samples(root)
     if not sample_ids:
         raise NH2STError(f"{root}: no {spec.name} samples found; check --data-root or pass --samples")
+    genes, gene_selection = choose_genes(spec, root, sample_ids, genes, store_path, overwrite, progress)
     if batch_size is not None and batch_size < 1:
         raise NH2STError(f"--batch-size {batch_size}: must be at least 1")
     if workers is not None and workers < 1:
@@ -179,7 +185,8 @@ def run_extract(dataset: str, data_root=None, store_path=None, weights=None, sam
     job = ExtractJob(dataset=spec.name, root=root, store_path=store_path,
                      weights=str(weights if weights is not None else default_weights(spec.name)),
                      genes=tuple(genes), allow_missing_genes=allow_missing_genes, batch_size=batch_size,
-                     workers=workers, encoders_per_machine=len(devices) if devices else 1)
+                     workers=workers, encoders_per_machine=len(devices) if devices else 1,
+                     gene_selection=gene_selection, image_dir=None if image_dir is None else str(image_dir), mpp=mpp)
     started = time.time()
     if devices or scheduler:
         rows, setup = _run_on_cluster(job, sample_ids, device, devices, scheduler, overwrite, progress)
@@ -235,7 +242,7 @@ def _run_here(job: ExtractJob, sample_ids: list[str], device: str, overwrite: bo
               progress: bool) -> tuple[dict[str, dict], dict]:
     """One process, one encoder, samples in order; returns ({sample id: row}, the encoder's setup)."""
     rows: dict[str, dict] = {}
-    spec, claims = get_dataset(job.dataset), SampleClaims(job.store_path)
+    spec, claims = job.spec(), SampleClaims(job.store_path)
     todo, first = list(sample_ids), None
     if store_state(job.store_path) == "store":
         if not overwrite:
@@ -279,6 +286,29 @@ def _timed(extract, *args) -> dict:
     started = time.time()
     row = extract(*args)
     return {**row, "started_at": started, "finished_at": time.time()}
+
+
+def choose_genes(spec, root, sample_ids, genes: str | None, store_path, overwrite: bool = False,
+                 show_progress: bool = True) -> tuple[list[str], dict]:
+    """(gene list, how it was chosen) for a run of `nh2st extract` (`--genes`, see DatasetSpec.choose_genes).
+
+    A store already made with the same `hvg:N` / `heg:N` choice keeps its list (resuming, or adding
+    samples, never re-ranks genes under finished samples); so does a store of a dataset without a
+    shipped list when `--genes` is not given. `overwrite` chooses afresh.
+    """
+    from nh2st.expression import RANKINGS, parse_gene_choice
+
+    choice = parse_gene_choice(genes) if genes is not None else None
+    reusable = choice.kind in RANKINGS if choice is not None else spec.gene_list is None
+    if reusable and not overwrite and (Path(store_path) / "zarr.json").is_file():
+        try:
+            made = EmbeddingStore.open(store_path).meta
+        except NH2STError:  # not a store, or another writer is creating it: open_for_writing says which
+            made = None
+        previous = made.gene_selection if made is not None else {}
+        if previous and (choice is None or previous.get("spec") == choice.spec):
+            return list(made.genes), previous
+    return spec.choose_genes(root, sample_ids, genes, show_progress)
 
 
 def _extract_sample(spec, root, sample_id, genes, allow_missing_genes, store, encoder, pool, workers,
@@ -402,7 +432,7 @@ def _extract_task(job: ExtractJob, sample_id: str, device: str, devices: list[st
         bar.disable = True
         with EmbeddingStore.open_for_writing(job.store_path, job.meta(encoder)) as store, \
                 ThreadPoolExecutor(workers, thread_name_prefix="nh2st-crop") as pool:
-            return _timed(_extract_sample, get_dataset(job.dataset), job.root, sample_id, list(job.genes),
+            return _timed(_extract_sample, job.spec(), job.root, sample_id, list(job.genes),
                           job.allow_missing_genes, store, encoder, pool, workers, batch_size, bar)
 
 
@@ -417,6 +447,7 @@ def describe_store(path: str | Path) -> dict:
         samples.append({"id": sid, "complete": bool(attrs.get("complete", False)),
                         "n_spots": int(attrs.get("n_spots", 0)),
                         "completed_at": attrs.get("completed_at"), "writer": writers.get(sid),
+                        "patch": (attrs.get("meta") or {}).get("patch"),
                         "bytes": disk_bytes(store.path / "samples" / sid)})
     last_run = store.path / SUMMARY_FILE
     return {"path": str(store.path), "attributes": root_attrs, "samples": samples,

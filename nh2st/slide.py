@@ -6,8 +6,16 @@
   tiles a request touches are read (``os.pread``) and decoded (tifffile's per-page decoder), with
   a small LRU cache of decoded tiles; the slide is never held whole in memory. Pyramid levels
   (SubIFDs or reduced-resolution pages) serve :meth:`Slide.thumbnail`.
+- A scanner's TIFF flavour (Aperio .svs, Hamamatsu .ndpi, Leica .scn, Ventana .bif, Philips TIFF),
+  recognised by tifffile from the file's tags -> :class:`ScannerSlide`, read through tiffslide,
+  which knows each vendor's level layout and where its microns per pixel are written.
 - JPEG / PNG -> :class:`ImageSlide`, decoded whole with PIL. These are the small images of the
   legacy datasets (STNet, Skin, STimage-1K4M); a large slide should be a pyramidal TIFF.
+- MIRAX .mrxs (a folder of proprietary files) is not read: tiffslide does not support it.
+
+Patches cover the paper's field of view: 224 px at ~0.5 µm/px (112 µm). :func:`at_paper_resolution`
+wraps a slide whose level-0 resolution differs from that by more than MPP_TOLERANCE in a
+:class:`RescaledSlide`, which crops the equivalent field (224 * 0.5 / mpp px) and resizes it to 224.
 
 Coordinates are level-0 pixels, x = column, y = row. Anything outside the image reads as white
 (255), so a spot at or beyond the border gives a padded patch, never an error.
@@ -31,6 +39,11 @@ WHITE = 255
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# tifffile's TiffFile.is_<flavour> flags of the scanner formats tiffslide reads
+SCANNER_FLAVOURS = ("svs", "ndpi", "scn", "bif", "philips")
+
+PAPER_MPP = 0.5        # µm per pixel of the paper's 224-px patches (HEST's ~20x)
+MPP_TOLERANCE = 0.10   # relative; within it a slide is cropped natively, as the paper does
 
 
 class Slide:
@@ -293,15 +306,135 @@ class ImageSlide(Slide):
         return out
 
 
+class ScannerSlide(Slide):
+    """A scanner's pyramidal TIFF (svs, ndpi, scn, bif, Philips) read through tiffslide.
+
+    Level 0 microns per pixel come from the vendor's metadata as tiffslide parses it (None when the
+    file has none). tiffslide keeps one zarr view per thread, so reads may come from many threads.
+    """
+
+    def __init__(self, path: Path):
+        import tiffslide
+
+        self.path = Path(path)
+        try:
+            self._slide = tiffslide.TiffSlide(self.path)
+            self.level_shapes = [(int(w), int(h)) for w, h in self._slide.level_dimensions]
+            self._downsamples = [float(d) for d in self._slide.level_downsamples]
+            mpp = self._slide.properties.get("tiffslide.mpp-x")
+        except NH2STError:
+            raise
+        except Exception as exc:  # tifffile/tiffslide raise many types on damaged files
+            raise NH2STError(f"{self.path}: cannot read the scanner slide ({type(exc).__name__}: {exc}); "
+                             "the file is corrupt or incomplete, re-download or re-export it") from None
+        self.width, self.height = self.level_shapes[0]
+        self.mpp = float(mpp) if mpp and 0.01 <= float(mpp) <= 100.0 else None
+        self.vendor = self._slide.properties.get("tiffslide.vendor")
+
+    def _read_level(self, level, x0, y0, w, h):
+        lw, lh = self.level_shapes[level]
+        out = np.full((h, w, 3), WHITE, dtype=np.uint8)
+        ix0, iy0 = max(x0, 0), max(y0, 0)
+        ix1, iy1 = min(x0 + w, lw), min(y0 + h, lh)
+        if ix0 >= ix1 or iy0 >= iy1:
+            return out
+        if self._slide is None:
+            raise NH2STError(f"{self.path}: slide was closed; open it again with open_slide")
+        # tiffslide takes the location in level-0 pixels and maps it back with int(loc / downsample)
+        ds = self._downsamples[level]
+        location = (math.ceil(ix0 * ds), math.ceil(iy0 * ds))
+        try:
+            region = self._slide.read_region(location, level, (ix1 - ix0, iy1 - iy0), as_array=True, padding=False)
+        except Exception as exc:
+            raise NH2STError(f"{self.path}: region at ({ix0}, {iy0}) of level {level} cannot be read "
+                             f"({type(exc).__name__}: {exc}); the file is corrupt, re-download it") from None
+        _paste(out, x0, y0, _to_rgb(np.asarray(region), self.path), ix0, iy0)
+        return out
+
+    def close(self):
+        if getattr(self, "_slide", None) is not None:
+            self._slide.close()
+            self._slide = None
+
+
+class RescaledSlide(Slide):
+    """A slide whose crops cover the paper's field of view: 224 px at `target_mpp`.
+
+    `crop(cx, cy, size)` reads the square of round(size * target_mpp / mpp) level-0 pixels centred
+    like a native crop (top-left at floor(centre) - field // 2) and resizes it to size x size
+    (PIL bilinear, which averages over the source pixels when shrinking). Everything else (level-0
+    regions, coordinates, thumbnails) is the wrapped slide's, so spot coordinates stay level-0 pixels.
+    """
+
+    def __init__(self, slide: Slide, mpp: float, target_mpp: float = PAPER_MPP):
+        self.base = slide
+        self.path, self.width, self.height = slide.path, slide.width, slide.height
+        self.level_shapes = slide.level_shapes
+        self.mpp = float(mpp)
+        self.target_mpp = float(target_mpp)
+
+    def field(self, size: int = PATCH_SIZE) -> int:
+        """Level-0 pixels across the field a `size`-px patch covers."""
+        return max(1, round(size * self.target_mpp / self.mpp))
+
+    def _read_level(self, level, x0, y0, w, h):
+        return self.base._read_level(level, x0, y0, w, h)
+
+    def crop(self, cx: float, cy: float, size: int = PATCH_SIZE) -> np.ndarray:
+        from PIL import Image
+
+        field = self.field(size)
+        region = super().crop(cx, cy, field)
+        if field == size:
+            return region
+        return np.asarray(Image.fromarray(region).resize((size, size), Image.Resampling.BILINEAR))
+
+    def close(self):
+        self.base.close()
+
+    def __repr__(self) -> str:
+        return f"RescaledSlide({self.base!r}, field {self.field()} px -> {PATCH_SIZE} px)"
+
+
+def at_paper_resolution(slide: Slide, mpp: float | None = None, tolerance: float = MPP_TOLERANCE,
+                        target_mpp: float = PAPER_MPP) -> tuple[Slide, dict]:
+    """(slide to crop from, the rule applied as a JSON-able record for the store).
+
+    `mpp` (e.g. from --mpp or the dataset's metadata) overrides the slide's own. When level-0
+    µm/px is within `tolerance` (relative) of `target_mpp` the slide is cropped natively, else it is
+    wrapped in a RescaledSlide. A slide with no resolution at all is an error asking for --mpp.
+    """
+    used = mpp if mpp is not None else slide.mpp
+    if used is None:
+        raise NH2STError(f"{slide.path}: the slide records no microns per pixel, so the 224-px patch's tissue size "
+                         "is unknown; pass --mpp (level-0 µm per pixel, e.g. 0.5 for a 20x scan, 0.25 for 40x)")
+    if not (math.isfinite(used) and used > 0):
+        raise NH2STError(f"--mpp {used}: must be a positive number of µm per pixel")
+    record = {"slide_mpp": float(used), "mpp_from": "slide file" if mpp is None else "given",
+              "target_mpp": target_mpp, "tolerance": tolerance, "patch_size": PATCH_SIZE}
+    if abs(used / target_mpp - 1.0) <= tolerance:
+        return slide, {**record, "rule": "native", "field_px": PATCH_SIZE}
+    rescaled = RescaledSlide(slide, used, target_mpp)
+    return rescaled, {**record, "rule": "rescaled", "field_px": rescaled.field(),
+                      "field_um": round(rescaled.field() * used, 2)}
+
+
 def open_slide(path, cache_bytes: int = 64 << 20) -> Slide:
-    """Open a slide by its content: TIFF -> TiffSlide (lazy), JPEG/PNG -> ImageSlide."""
+    """Open a slide by its content: a scanner's TIFF -> ScannerSlide, other TIFF -> TiffSlide (lazy),
+    JPEG/PNG -> ImageSlide."""
     path = Path(path)
+    if path.suffix.lower() == ".mrxs":
+        raise NH2STError(f"{path}: MIRAX (.mrxs) slides are not supported (tiffslide cannot read them); "
+                         "convert it to a pyramidal TIFF, e.g. `vips tiffsave in.mrxs out.tif --tile --pyramid "
+                         "--compression jpeg`, and give that")
     if not path.is_file():
         raise NH2STError(f"{path}: slide image not found")
     with open(path, "rb") as fh:
         head = fh.read(8)
     try:
         if head[:4] in _TIFF_MAGIC:
+            if _scanner_flavour(path):
+                return ScannerSlide(path)
             return TiffSlide(path, cache_bytes=cache_bytes)
         if head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC):
             return ImageSlide(path)
@@ -311,7 +444,18 @@ def open_slide(path, cache_bytes: int = 64 << 20) -> Slide:
         raise NH2STError(f"{path}: cannot read the image ({exc.__class__.__name__}: {exc}); "
                          "re-download or re-export it") from None
     raise NH2STError(f"{path}: not a TIFF, JPEG or PNG image (first bytes {head[:8]!r}); "
-                     "give the slide as a (pyramidal) TIFF, JPEG or PNG")
+                     "give the slide as a (pyramidal) TIFF, SVS, NDPI, SCN, JPEG or PNG")
+
+
+def _scanner_flavour(path: Path) -> str | None:
+    """The scanner format of a TIFF ('svs', 'ndpi', ...) as tifffile recognises it, else None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return next((name for name in SCANNER_FLAVOURS if getattr(tif, f"is_{name}", False)), None)
+    except Exception:  # TiffSlide reports a damaged file with its own message
+        return None
 
 
 def pyramid_levels(image: np.ndarray, tile: int = 256) -> list[np.ndarray]:

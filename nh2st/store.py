@@ -79,6 +79,7 @@ class StoreMeta:
     neighbors_k: int = 9
     normalisation: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    gene_selection: dict = field(default_factory=dict)   # how `genes` were chosen (spec, how); not identity
 
     def __post_init__(self):
         object.__setattr__(self, "genes", tuple(self.genes))
@@ -88,6 +89,7 @@ class StoreMeta:
         """The fields that must match for features of two runs to be mixed in one store."""
         d = self.to_dict()
         d.pop("weights")  # a path; the checksum is what identifies the weights
+        d.pop("gene_selection")  # the genes themselves are the identity
         return d
 
     def to_dict(self) -> dict:

@@ -52,7 +52,7 @@ def test_shipped_configs_hold_the_papers_settings(name):
     ("MODEL.neighbor_branch=yes please", r"'MODEL.neighbor_branch' .* must be a bool"),
     ("TRAINING.early_stopping.monitor=acc", r"'TRAINING.early_stopping.monitor' .* among \{'R', 'pcc', 'loss'\}"),
     ("TRAINING.early_stopping.mode=max", None),
-    ("DATASET.fold_scheme=kfold:1", r"'DATASET.fold_scheme' .* one of paper, patient, loo or kfold:K"),
+    ("DATASET.fold_scheme=kfold:1", r"'DATASET.fold_scheme' .* one of paper, patient, patient:K, kfold:K, loo"),
     ("MODEL.num_heads1=7", r"MODEL.emb_dim=512 must be divisible by MODEL.num_heads1=7"),
 ])
 def test_values_are_validated_when_loaded(override, message):

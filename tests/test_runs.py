@@ -171,3 +171,17 @@ def test_a_failing_fold_worker_is_reported_and_the_others_finish(store_path, tmp
         train_folds(store_path, [0, 1], small_config("TRAINING.num_epochs=1"), tmp_path, devices=["cpu", "cpu"],
                     show_progress=False)
     assert read(tmp_path / "synth" / "fold-0" / "run.json")["status"] == "finished"
+
+
+def test_the_fold_scheme_reaches_training(store_path, tmp_path):
+    """DATASET.fold_scheme (or --split) decides the folds training uses, and run.json records it."""
+    patients = {"DEMO1": "p1", "DEMO2": "p1", "DEMO3": "p2", "DEMO4": "p2", "DEMO5": "p3", "DEMO6": "p3"}
+    cfg = small_config("TRAINING.num_epochs=1", "DATASET.fold_scheme=patient")
+    results = train_folds(store_path, "all", cfg, tmp_path, model_kind="ridge", patients=patients, show_progress=False)
+    tested = sorted(tuple(r["test_samples"]) for r in results)
+    assert tested == [("DEMO1", "DEMO2"), ("DEMO3", "DEMO4"), ("DEMO5", "DEMO6")]     # one patient out, whole
+    info = read(tmp_path / "synth" / "baselines" / "ridge" / "fold-0" / "run.json")
+    assert info["split"] == "patient" and info["n_folds"] == 3
+    loo = train_folds(store_path, [4], small_config("TRAINING.num_epochs=1"), tmp_path / "loo", model_kind="mean",
+                      split="loo", show_progress=False)
+    assert loo[0]["test_samples"] == ["DEMO5"] and loo[0]["split"] == "loo"

@@ -11,11 +11,11 @@ The tissue. At 0.5 µm/px a Visium spot (55 µm) is 110 px across, the pitch (10
 and the 224-px patch that `nh2st extract` crops sees one spot and a rim around it. Each slide is
 a patchwork of tumour (dense, large, pleomorphic nuclei), stroma (wavy pink collagen, sparse
 elongated nuclei) and fat (empty cells, thin membranes), laid out as smooth random regions a few
-pitches across inside a ragged outline on white glass. Lymphoid follicles (crowded small dark
-nuclei, 35-55 µm across) sit on a jittered hexagonal lattice 110 µm apart, as follicles keep
-their distance from one another, in tumour and stroma. Because they are evenly spaced, nearly
-every patch holds about one follicle: whether it lies inside the spot's disc or in the patch's
-rim is what varies, and a patch-wide average cannot tell. Colours come from Beer-Lambert mixing
+pitches across inside a ragged outline on white glass. Small lymphoid aggregates (crowded small
+dark nuclei, 35-55 µm across) sit in tumour and stroma on a jittered hexagonal lattice 110 µm
+apart, evenly spaced as such structures tend to be. So nearly every patch holds about one
+aggregate: whether it lies inside the spot's disc or in the patch's rim is what varies, and a
+patch-wide average cannot tell. Colours come from Beer-Lambert mixing
 of haematoxylin and eosin optical densities, with per-slide stain variation.
 
 The expression. Per spot, `disc` is the tissue-type composition of the spot's 55 µm disc (the
@@ -77,8 +77,8 @@ PITCH_PX = 200.0               # Visium centre-to-centre 100 µm
 SPOT_RADIUS_PX = 55.0          # Visium spot diameter 55 µm
 PATCH_PX = 224                 # the patch `nh2st extract` crops (nh2st.encoder.PATCH_SIZE)
 SURROUND_RADIUS_PX = 1.75 * PITCH_PX
-FOLLICLE_SPACING_PX = 220.0
-FOLLICLE_RADIUS_PX = (35.0, 55.0)
+AGGREGATE_SPACING_PX = 220.0
+AGGREGATE_RADIUS_PX = (35.0, 55.0)
 MARGIN_PX = 260                # glass around the spot grid
 TISSUE_TYPES = ("background", "tumour", "stroma", "lymphoid", "fat")
 PROGRAMMES = ("region", "spot", "niche")
@@ -175,10 +175,10 @@ def _spot_grid(rng):
     return rows, cols, xy, int(height), int(width)
 
 
-def _follicle_centres(rng, height: int, width: int) -> np.ndarray:
-    """(M, 2) x, y: a hexagonal lattice FOLLICLE_SPACING_PX apart at a random angle and offset,
+def _aggregate_centres(rng, height: int, width: int) -> np.ndarray:
+    """(M, 2) x, y: a hexagonal lattice AGGREGATE_SPACING_PX apart at a random angle and offset,
     each centre jittered by 15 % of the spacing, one in seven left out."""
-    spacing = FOLLICLE_SPACING_PX
+    spacing = AGGREGATE_SPACING_PX
     n = int(np.hypot(height, width) / spacing / 2) + 2
     i, j = np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1))
     lattice = np.stack([(i + 0.5 * (j % 2)) * spacing, j * spacing * np.sqrt(3) / 2], axis=-1).reshape(-1, 2)
@@ -193,7 +193,7 @@ def _tissue_labels(rng, height, width, spot_xy) -> np.ndarray:
     ds, fine_ds = 32, 4
     coarse = (-(-height // ds), -(-width // ds))
     fine = (-(-height // fine_ds), -(-width // fine_ds))
-    region_types = np.array([1, 2, 4], dtype=np.uint8)  # tumour, stroma, fat; lymphoid comes as follicles
+    region_types = np.array([1, 2, 4], dtype=np.uint8)  # tumour, stroma, fat; lymphoid comes as aggregates
     fields = np.stack([_upsample(_smooth_noise(rng, coarse, 1.0 * PITCH_PX / ds), fine) for _ in range(3)])
     fields += (np.array([0.2, 0.3, -0.35]) + rng.normal(0, 0.3, 3))[:, None, None].astype(np.float32)
     fields += 0.1 * _smooth_noise(rng, (3, *fine), (0, 1.3, 1.3))  # ragged region borders
@@ -202,17 +202,17 @@ def _tissue_labels(rng, height, width, spot_xy) -> np.ndarray:
     specks = (labels == 4) & ~ndimage.binary_opening(labels == 4, iterations=2)
     fields[2] = -np.inf
     labels[specks] = region_types[fields.argmax(0)][specks]
-    # lymphoid follicles, evenly spaced, with ragged edges; fat has none
-    centres = _follicle_centres(rng, height, width)
+    # lymphoid aggregates, evenly spaced, with ragged edges; fat has none
+    centres = _aggregate_centres(rng, height, width)
     seeds = np.zeros(fine, dtype=bool)
     radius_at = np.zeros(fine, dtype=np.float32)
     iy, ix = (centres[:, 1] // fine_ds).astype(int), (centres[:, 0] // fine_ds).astype(int)
     on = (iy >= 0) & (iy < fine[0]) & (ix >= 0) & (ix < fine[1])
     seeds[iy[on], ix[on]] = True
-    radius_at[iy[on], ix[on]] = rng.uniform(*FOLLICLE_RADIUS_PX, on.sum()) / fine_ds
+    radius_at[iy[on], ix[on]] = rng.uniform(*AGGREGATE_RADIUS_PX, on.sum()) / fine_ds
     distance, (ny, nx) = ndimage.distance_transform_edt(~seeds, return_indices=True)
-    follicle = distance + 1.2 * _smooth_noise(rng, fine, 1.0) < radius_at[ny, nx]
-    labels[follicle & (labels != 4)] = 3
+    aggregate = distance + 1.2 * _smooth_noise(rng, fine, 1.0) < radius_at[ny, nx]
+    labels[aggregate & (labels != 4)] = 3
     # tissue outline: an ellipse over the spot grid with a ragged, random edge
     centre, half = spot_xy.mean(0) / fine_ds, (spot_xy.max(0) - spot_xy.min(0)) / 2 / fine_ds
     yy, xx = np.mgrid[:fine[0], :fine[1]].astype(np.float32)
@@ -382,7 +382,7 @@ class GeneModel:
 def gene_model(seed: int = SEED) -> GeneModel:
     """Loadings sized so that each programme's marked input moves its genes' log rate by about one
     unit (sd over spots): tissue regions change the disc's composition by whole fractions,
-    follicles by about 0.2, the surround's lymphoid share varies by about 0.05."""
+    aggregates by about 0.2, the surround's lymphoid share varies by about 0.05."""
     rng = np.random.default_rng([seed, 1_000_000])
     names = load_gene_list("DEMO") + list(MITO_GENES)
     names = [names[i] for i in rng.permutation(len(names))]  # var order is not the list order

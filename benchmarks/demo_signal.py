@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         table.add_row(name, f"{result['features']:,}", f"{np.mean(result['pcc']):.3f}",
                       f"{np.mean(np.nanmean(per_slide, axis=1)):.3f}", *by_programme,
                       "—" if generator is None else f"{generator:.3f}",
-                      " ".join(f"{a:g}" for a in result["alphas"]))
+                      " ".join(f"{a:.3g}" for a in result["alphas"]))
     ceiling = manifest["by_programme"]
     table.add_row("noise ceiling (generator)", "—", "—", f"{manifest['noise_ceiling_pcc']:.3f}",
                   *(f"{ceiling[p]['noise_ceiling_pcc']:.3f}" for p in demo.PROGRAMMES), "—", "—", style="italic")

@@ -15,8 +15,8 @@ pitches across inside a ragged outline on white glass. Small lymphoid aggregates
 dark nuclei, 35-55 µm across) sit in tumour and stroma on a jittered hexagonal lattice 110 µm
 apart, evenly spaced as such structures tend to be. So nearly every patch holds about one
 aggregate: whether it lies inside the spot's disc or in the patch's rim is what varies, and a
-patch-wide average cannot tell. Colours come from Beer-Lambert mixing
-of haematoxylin and eosin optical densities, with per-slide stain variation.
+patch-wide average cannot tell. Colours come from Beer-Lambert mixing of haematoxylin and eosin
+optical densities, with per-slide stain variation.
 
 The expression. Per spot, `disc` is the tissue-type composition of the spot's 55 µm disc (the
 tissue the spot captures transcripts from), and `surround` the composition beyond the patch, out
@@ -43,6 +43,9 @@ smoothing averages each Visium spot with its 4 diagonal neighbours):
     `pooled` (the patch's composition: what an average over the patch shows), `map` (the disc
     and the rim apart: a map resolved in space) and `neighbourhood` (plus the surround and the
     grid-smoothed discs of the neighbouring spots: what their patches show).
+The smoothing gives a spot's own disc a fifth of its target and the four neighbours' discs the
+rest, which bounds what resolving the centre can add over a patch average (it reaches the `spot`
+genes' fifth); seeing the neighbours adds more.
 
 Writing: every file goes to a temporary name and is renamed into place; a sample's metadata JSON
 is written last and demo.json after all samples, so an interrupted generation is finished (not

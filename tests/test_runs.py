@@ -3,7 +3,6 @@ early stopping and the schedule do what the config says."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,9 +10,9 @@ from nh2st.errors import NH2STError
 from nh2st.evaluate import evaluate
 from nh2st.model import NH2ST
 from nh2st.runs import resolve_run
-from nh2st.training import FoldSpots, fit, train_fold, train_folds
+from nh2st.training import fit, train_fold, train_folds
 from nh2st.training import loop
-from test_training import SHAPE, build_store, small_config
+from test_training import SHAPE, build_store, small_config, tiny_spots
 
 torch.set_num_threads(2)
 
@@ -115,13 +114,7 @@ def test_config_that_disagrees_with_the_store_is_refused_before_writing(store_pa
 # ---- the loop's epoch-level rules, on scripted validation scores --------------------------------------------
 def scripted_fit(monkeypatch, tmp_path, values: dict, *overrides, select="val"):
     """fit() on a tiny fold whose validation scores follow `values` (lists per metric)."""
-    rng = np.random.default_rng(0)
-    n = 30
-    arrays = {"features": rng.normal(size=(n, *SHAPE)).astype(np.float16),
-              "targets": rng.random((n, 5)).astype(np.float32),
-              "neighbors": np.stack([(np.arange(n) // 10) * 10 + (np.arange(n) + j) % 10 for j in range(4)], 1),
-              "sample_index": np.repeat(np.arange(3), 10).astype(np.int32)}
-    spots = FoldSpots.from_arrays(arrays, {"train": ["a"], "val": ["b"], "test": ["c"]})
+    spots = tiny_spots(10)
     epoch = {"n": 0}
 
     def score(*args, **kwargs):

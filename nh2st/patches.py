@@ -204,10 +204,16 @@ def assemble_on_device(grid: TileGrid, origins: np.ndarray, w: int, h: int, tile
     ky, kx = (h - 1) // th + 2, (w - 1) // tw + 2
     ty = ty0[:, None, None] + np.arange(ky)[None, :, None]
     tx = tx0[:, None, None] + np.arange(kx)[None, None, :]
-    inside = (ty >= 0) & (ty < grid.n_down) & (tx >= 0) & (tx < grid.n_across)
+    # a tile is needed where its pixels meet the part of the region inside the image
+    x_lo, x_hi = np.clip(origins[:, 0], 0, grid.width), np.clip(origins[:, 0] + w, 0, grid.width)
+    y_lo, y_hi = np.clip(origins[:, 1], 0, grid.height), np.clip(origins[:, 1] + h, 0, grid.height)
+    inside = ((ty * th < y_hi[:, None, None]) & ((ty + 1) * th > y_lo[:, None, None])
+              & (tx * tw < x_hi[:, None, None]) & ((tx + 1) * tw > x_lo[:, None, None])
+              & ((x_hi > x_lo) & (y_hi > y_lo))[:, None, None])
     index = np.where(inside, ty * grid.n_across + tx, -1)
     pos = np.searchsorted(tile_ids, index)
-    found = inside & (pos < len(tile_ids)) & (tile_ids[np.minimum(pos, len(tile_ids) - 1)] == index)
+    found = inside & (pos < len(tile_ids))
+    found[found] = tile_ids[pos[found]] == index[found]
     if (inside & ~found).any():
         raise ValueError("assemble_on_device: a region needs a tile that was not given")
     slots = torch.from_numpy(np.where(found, pos, white_slot)).to(device)

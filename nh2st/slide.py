@@ -530,12 +530,15 @@ def pyramid_levels(image: np.ndarray, tile: int = 256) -> list[np.ndarray]:
 
 
 def write_pyramid_tiff(path, image: np.ndarray, mpp: float | None = None, *, tile: int = 256,
-                       compression: str = "jpeg", quality: int = 90, pyramid: str = "subifds") -> Path:
+                       compression: str = "jpeg", quality: int = 90, pyramid: str = "subifds",
+                       jpeg_tables: bool = False) -> Path:
     """Write an (H, W, 3) uint8 image as a tiled pyramidal RGB TIFF like HEST's (pyvips) slides.
 
     Resolution tags in pixels per cm (10^4 / mpp). `pyramid`: "subifds" (levels as SubIFDs of
     page 0), "pages" (reduced-resolution pages after it) or "none". `compression`: "jpeg",
-    "lzw", "zlib" or "none". Written to a temporary file and renamed, so the path never holds a
+    "lzw", "zlib" or "none". `jpeg_tables`: JPEG tiles as abbreviated streams (YCbCr 4:2:0) that
+    share the page's JPEGTables, as libtiff (pyvips, scanners) writes them; otherwise each tile is
+    a complete stream. Written to a temporary file and renamed, so the path never holds a
     half-written slide.
     """
     import tifffile
@@ -543,17 +546,71 @@ def write_pyramid_tiff(path, image: np.ndarray, mpp: float | None = None, *, til
     path = Path(path)
     if pyramid not in ("subifds", "pages", "none"):
         raise ValueError(f"pyramid must be 'subifds', 'pages' or 'none', not {pyramid!r}")
+    if jpeg_tables and compression != "jpeg":
+        raise ValueError("jpeg_tables needs compression='jpeg'")
     levels = pyramid_levels(image, tile) if pyramid != "none" else [image]
     options = dict(tile=(tile, tile), photometric="rgb", metadata=None,
                    compression=None if compression == "none" else compression,
                    compressionargs={"level": quality} if compression == "jpeg" else None)
     if mpp:
         options.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+
+    def level_data(level: np.ndarray) -> tuple[object, dict]:
+        if not jpeg_tables:
+            return level, options
+        tables, tiles = _abbreviated_jpeg_tiles(level, tile, quality)
+        return iter(tiles), {**options, "compressionargs": None, "photometric": "ycbcr", "subsampling": (2, 2),
+                             "shape": level.shape, "dtype": np.uint8,
+                             "extratags": [(347, 7, len(tables), tables, True)]}  # JPEGTables
+
     def write(tmp):
         with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31) as writer:
             extra = {"subifds": len(levels) - 1} if pyramid == "subifds" else {}
-            writer.write(levels[0], **extra, **options)
+            data, opts = level_data(levels[0])
+            writer.write(data, **extra, **opts)
             for level in levels[1:]:
-                writer.write(level, subfiletype=1, **options)
+                data, opts = level_data(level)
+                writer.write(data, subfiletype=1, **opts)
 
     return atomic_write(path, write)
+
+
+_DQT, _DHT, _APP0, _SOS = 0xDB, 0xC4, 0xE0, 0xDA
+
+
+def _abbreviated_jpeg_tiles(image: np.ndarray, tile: int, quality: int) -> tuple[bytes, list[bytes]]:
+    """(JPEGTables, tiles): row-major tile x tile JPEG tiles of `image` without their quantisation
+    and Huffman tables, which all share (standard Huffman tables, one quality)."""
+    import imagecodecs
+
+    h, w = image.shape[:2]
+    tables, tiles = None, []
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            block = np.zeros((tile, tile, 3), dtype=np.uint8)
+            part = image[y:y + tile, x:x + tile]
+            block[:part.shape[0], :part.shape[1]] = part
+            stream = imagecodecs.jpeg8_encode(block, quality, colorspace="rgb", outcolorspace="ycbcr",
+                                              subsampling="420", optimize=False)
+            segments = _jpeg_segments(bytes(stream))
+            own = b"".join(seg for marker, seg in segments if marker in (_DQT, _DHT))
+            if tables is None:
+                tables = own
+            elif own != tables:
+                raise RuntimeError("JPEG tiles do not share their tables")
+            tiles.append(b"\xff\xd8" + b"".join(seg for marker, seg in segments if marker not in (_DQT, _DHT, _APP0)))
+    return b"\xff\xd8" + tables + b"\xff\xd9", tiles
+
+
+def _jpeg_segments(stream: bytes) -> list[tuple[int, bytes]]:
+    """(marker, bytes) of each segment after SOI; the last is SOS with the entropy-coded data and EOI."""
+    out, i = [], 2
+    while i < len(stream):
+        marker = stream[i + 1]
+        if marker == _SOS:
+            out.append((marker, stream[i:]))
+            break
+        length = int.from_bytes(stream[i + 2:i + 4], "big")
+        out.append((marker, stream[i:i + 2 + length]))
+        i += 2 + length
+    return out

@@ -23,6 +23,7 @@ Out-of-image pixels read as white (255) on both paths, including the padding of 
 import logging
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -31,6 +32,10 @@ import numpy as np
 from nh2st.errors import NH2STError
 
 log = logging.getLogger(__name__)
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not installed here); its
+# decode_jpeg is still the batched nvJPEG decoder this module needs, so the notice is silenced.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 WHITE = 255
 

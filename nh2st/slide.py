@@ -558,7 +558,7 @@ def write_pyramid_tiff(path, image: np.ndarray, mpp: float | None = None, *, til
     def level_data(level: np.ndarray) -> tuple[object, dict]:
         if not jpeg_tables:
             return level, options
-        tables, tiles = _abbreviated_jpeg_tiles(level, tile, quality)
+        tables, tiles = abbreviated_jpeg_tiles(level, tile, quality)
         return iter(tiles), {**options, "compressionargs": None, "photometric": "ycbcr", "subsampling": (2, 2),
                              "shape": level.shape, "dtype": np.uint8,
                              "extratags": [(347, 7, len(tables), tables, True)]}  # JPEGTables
@@ -578,7 +578,7 @@ def write_pyramid_tiff(path, image: np.ndarray, mpp: float | None = None, *, til
 _DQT, _DHT, _APP0, _SOS = 0xDB, 0xC4, 0xE0, 0xDA
 
 
-def _abbreviated_jpeg_tiles(image: np.ndarray, tile: int, quality: int) -> tuple[bytes, list[bytes]]:
+def abbreviated_jpeg_tiles(image: np.ndarray, tile: int, quality: int) -> tuple[bytes, list[bytes]]:
     """(JPEGTables, tiles): row-major tile x tile JPEG tiles of `image` without their quantisation
     and Huffman tables, which all share (standard Huffman tables, one quality)."""
     import imagecodecs

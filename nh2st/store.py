@@ -6,7 +6,7 @@ Layout (see docs/store.md for the full schema)::
       zarr.json                 root attributes: {"nh2st": StoreMeta as a dict}
       .lock                     advisory lock file held by the one writer
       samples/<sample id>/      one group per sample, attrs {"complete": bool, ...}
-        features   (N, 512, 7, 7) float16   chunked along spots, Blosc zstd + shuffle
+        features   (N, 512, 7, 7) float16   chunked along spots, Zstd level 1
         pooled     (N, 512)       float32
         counts     (N, G)         float32   raw counts of the store's genes
         targets    (N, G)         float32   normalised, log10, grid-smoothed (nh2st.expression)
@@ -32,14 +32,16 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import ZstdCodec
 
 from nh2st import __version__
 from nh2st.errors import NH2STError
 
 FORMAT_VERSION = 1
 FEATURE_CHUNK_SPOTS = 128
-COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+# Zstd level 1: on ResNet maps as small as Blosc zstd-3 + shuffle (ratio 1.55 vs 1.53) at ~2.5x its
+# speed per core (benchmarks/extract.py --encoder null prints the comparison); a standard zarr v3 codec.
+COMPRESSOR = ZstdCodec(level=1)
 
 SAMPLE_ARRAYS = ("features", "pooled", "counts", "targets", "pixel_xy", "grid_xy", "barcodes", "neighbors")
 

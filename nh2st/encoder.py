@@ -200,6 +200,8 @@ class FrozenEncoder:
         self._scale = (1.0 / (255.0 * std)).to(self.device)
         self._shift = (-mean / std).to(self.device)
         self._streams = None  # CUDA: host->device, compute, device->host (created on first use)
+        # whether the extract loop should have slides build crops on this device (GPU JPEG decoding)
+        self.crops_on_device = self.device.type == "cuda"
 
     @property
     def default_batch_size(self) -> int:

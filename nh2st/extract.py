@@ -68,17 +68,25 @@ def disk_bytes(path: str | Path) -> int:
     return total
 
 
-def crop_batch(slide, pixel_xy: np.ndarray, encoder):
+def crop_batch(slide, pixel_xy: np.ndarray, encoder, spare: list | None = None):
     """(B, 2) spot centres -> (B, size, size, 3) uint8 patches, where `encoder` wants them.
 
     On a GPU whose decoder handles the slide's tiles: a tensor built there (JPEG tiles decoded on
     the device). Otherwise cropped on the host straight into the encoder's host batch (page-locked
-    on CUDA, so its copy to the device is asynchronous).
+    on CUDA, so its copy to the device is asynchronous), or into a batch from `spare` (host batches
+    the caller recycles; reusing one spares the kernel zeroing fresh pages).
     """
     device = encoder.device
-    if device.type == "cuda" and slide.decodes_on(device):
+    if encoder.crops_on_device and slide.decodes_on(device):
         return slide.crop_batch_on(device, pixel_xy, encoder.patch_size)
-    batch = encoder.host_batch(len(pixel_xy))
+    batch = None
+    if spare:
+        try:
+            batch = spare.pop()
+        except IndexError:  # another thread took the last one
+            pass
+    if batch is None or len(batch) != len(pixel_xy):
+        batch = encoder.host_batch(len(pixel_xy))
     slide.crop_batch(pixel_xy, encoder.patch_size, out=batch.numpy())
     return batch
 
@@ -146,11 +154,15 @@ def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecut
     n = sample.n_spots
     starts = iter(range(0, n, batch_size))
     crops: deque = deque()
+    # On CPU a batch is consumed when submit returns, so its buffer goes back for the next crop; on
+    # CUDA the pinned-memory allocator recycles host batches once their copies are done.
+    spare: list | None = [] if encoder.device.type != "cuda" else None
 
     def crop_next():
         start = next(starts, None)
         if start is not None:
-            crops.append(pool.submit(crop_batch, sample.slide, sample.pixel_xy[start:start + batch_size], encoder))
+            xy = sample.pixel_xy[start:start + batch_size]
+            crops.append(pool.submit(crop_batch, sample.slide, xy, encoder, spare))
 
     def finish(encoded) -> None:
         maps, pooled = encoded.result()
@@ -173,6 +185,8 @@ def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecut
                     raise (NH2STError(f"sample {name}: {exc}") if name else exc) from None
             crop_next()
             encoded.append(encoder.submit(patches))
+            if spare is not None and patches.device.type == "cpu":
+                spare.append(patches)
             del patches
             if len(encoded) > 1:
                 finish(encoded.popleft())

@@ -165,7 +165,7 @@ def assemble_on_host(grid: TileGrid, plan: RegionPlan, tiles: dict, out: np.ndar
     n = len(plan.row_source) // plan.h if plan.h else 0
     if out is None:
         out = np.empty((n, plan.h, plan.w, 3), dtype=np.uint8)
-    arena = np.empty(plan.arena_bytes, dtype=np.uint8)
+    arena = _arena(plan.arena_bytes)
     arena[plan.white_row:] = WHITE
     tw, th = grid.tile_w, grid.tile_h
     for r in range(len(plan.run_band)):
@@ -189,6 +189,21 @@ def assemble_on_host(grid: TileGrid, plan: RegionPlan, tiles: dict, out: np.ndar
         torch.index_select(windows, 0, torch.from_numpy(plan.row_source),
                            out=torch.from_numpy(out.reshape(n * plan.h, plan.w * 3)))
     return out
+
+
+_ARENAS = threading.local()
+_ARENA_KEEP_BYTES = 64 << 20
+
+
+def _arena(nbytes: int) -> np.ndarray:
+    """A scratch byte buffer for this thread, reused across batches: a fresh one per batch would
+    cost the kernel's zeroing of every page (as much as the copies into it)."""
+    buffer = getattr(_ARENAS, "buffer", None)
+    if buffer is None or len(buffer) < nbytes:
+        buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
+        if nbytes <= _ARENA_KEEP_BYTES:
+            _ARENAS.buffer = buffer
+    return buffer[:nbytes]
 
 
 def assemble_on_device(grid: TileGrid, origins: np.ndarray, w: int, h: int, tile_ids: np.ndarray, tiles):

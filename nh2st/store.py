@@ -264,8 +264,9 @@ class SampleWriter:
     def _flush(self, whole_chunks_only: bool) -> None:
         if not self._buffered:
             return
-        maps = np.concatenate(self._pending_maps)
-        pooled = np.concatenate(self._pending_pooled)
+        # one pending batch (the extract loop joins its batches) is written as it is, not copied
+        maps = self._pending_maps[0] if len(self._pending_maps) == 1 else np.concatenate(self._pending_maps)
+        pooled = self._pending_pooled[0] if len(self._pending_pooled) == 1 else np.concatenate(self._pending_pooled)
         take = (len(maps) // self._chunk) * self._chunk if whole_chunks_only else len(maps)
         if take:
             sl = slice(self._written, self._written + take)

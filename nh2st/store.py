@@ -239,10 +239,12 @@ class SampleWriter:
         self.store, self.group, self.n_spots = store, group, n_spots
         c, h, w = store.meta.feature_shape
         chunk = min(FEATURE_CHUNK_SPOTS, max(n_spots, 1))
+        # write_empty_chunks: feature chunks are never all zero, so skip zarr's scan for it (~30 % of a write)
         self.features = group.create_array("features", shape=(n_spots, c, h, w), chunks=(chunk, c, h, w),
-                                           dtype="float16", compressors=COMPRESSOR)
+                                           dtype="float16", compressors=COMPRESSOR,
+                                           config={"write_empty_chunks": True})
         self.pooled = group.create_array("pooled", shape=(n_spots, c), chunks=(chunk, c), dtype="float32",
-                                         compressors=COMPRESSOR)
+                                         compressors=COMPRESSOR, config={"write_empty_chunks": True})
         self._chunk = chunk
         self._pending_maps: list[np.ndarray] = []
         self._pending_pooled: list[np.ndarray] = []

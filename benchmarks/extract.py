@@ -483,7 +483,7 @@ def main() -> None:
             memory.add_row(f"peak RSS, {size:,}^2 px slide", f"{peak / 2**20:,.0f} MB",
                            "fresh process; flat is the goal" if sid == "LARGE" else "fresh process")
     tables.append(memory)
-    out = Console()
+    out = Console(width=max(Console().width, 150))
     for table in tables:
         out.print(table)
     if args.json:

@@ -165,6 +165,8 @@ def assemble_on_host(grid: TileGrid, plan: RegionPlan, tiles: dict, out: np.ndar
     n = len(plan.row_source) // plan.h if plan.h else 0
     if out is None:
         out = np.empty((n, plan.h, plan.w, 3), dtype=np.uint8)
+    elif out.shape != (n, plan.h, plan.w, 3) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous ({n}, {plan.h}, {plan.w}, 3) uint8 array")
     arena = _arena(plan.arena_bytes)
     arena[plan.white_row:] = WHITE
     tw, th = grid.tile_w, grid.tile_h

@@ -466,8 +466,9 @@ def main() -> None:
                         "runs": runs, "ratio": runs["LARGE"]["patches_per_s"] / bare,
                         "ratio_spread": runs["SPREAD"]["patches_per_s"] / bare})
 
-    sample_dir = store / "samples" / ("LARGE" if (store / "samples" / "LARGE").exists() else small_ids[-1])
-    n = pipeline_run["spots"] if sample_dir.name == "LARGE" else 250
+    # the store holds the last run's samples (each run overwrites it)
+    sample_dir = store / "samples" / (small_ids[-1] if small_ids else "SPREAD")
+    n = 250 if small_ids else spots
     figures["bytes_per_spot"] = disk_bytes(sample_dir) / n
     figures["feature_bytes_per_spot"] = disk_bytes(sample_dir / "features") / n
     memory = Table(title="disk and memory")

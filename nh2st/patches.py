@@ -208,11 +208,28 @@ def _arena(nbytes: int) -> np.ndarray:
     return buffer[:nbytes]
 
 
-def assemble_on_device(grid: TileGrid, origins: np.ndarray, w: int, h: int, tile_ids: np.ndarray, tiles):
+def tile_blocks(grid: TileGrid, origins: np.ndarray, w: int, h: int) -> np.ndarray:
+    """(B, ky, kx) int64: for each region, the row-major index of every tile in the block of tile
+    rows/columns starting at its top-left corner's tile; -1 where that tile does not meet the part
+    of the region inside the image (or lies outside it)."""
+    origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+    th, tw = grid.tile_h, grid.tile_w
+    ty = np.floor_divide(origins[:, 1], th)[:, None, None] + np.arange((h - 1) // th + 2)[None, :, None]
+    tx = np.floor_divide(origins[:, 0], tw)[:, None, None] + np.arange((w - 1) // tw + 2)[None, None, :]
+    x_lo, x_hi = np.clip(origins[:, 0], 0, grid.width), np.clip(origins[:, 0] + w, 0, grid.width)
+    y_lo, y_hi = np.clip(origins[:, 1], 0, grid.height), np.clip(origins[:, 1] + h, 0, grid.height)
+    meets = ((ty * th < y_hi[:, None, None]) & ((ty + 1) * th > y_lo[:, None, None])
+             & (tx * tw < x_hi[:, None, None]) & ((tx + 1) * tw > x_lo[:, None, None])
+             & ((x_hi > x_lo) & (y_hi > y_lo))[:, None, None])
+    return np.where(meets, ty * grid.n_across + tx, -1)
+
+
+def assemble_on_device(grid: TileGrid, origins: np.ndarray, w: int, h: int, tile_ids: np.ndarray, tiles,
+                       blocks: np.ndarray | None = None):
     """(B, h, w, 3) uint8 regions on the tiles' device by one gather.
 
-    tile_ids (T,) row-major indices of `tiles` (T, tile_h, tile_w, 3) uint8 (a device tensor);
-    every in-image tile a region touches must be among them.
+    tile_ids (T,) sorted row-major indices of `tiles` (T, tile_h, tile_w, 3) uint8 (a device tensor);
+    every tile the regions meet must be among them. `blocks`: :func:`tile_blocks` if already computed.
     """
     import torch
 
@@ -220,38 +237,27 @@ def assemble_on_device(grid: TileGrid, origins: np.ndarray, w: int, h: int, tile
     origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
     n = len(origins)
     th, tw = grid.tile_h, grid.tile_w
+    blocks = tile_blocks(grid, origins, w, h) if blocks is None else blocks
     white_slot = len(tile_ids)
-    # slot of each tile in the small block of tile rows/columns each region spans
-    ty0, tx0 = np.floor_divide(origins[:, 1], th), np.floor_divide(origins[:, 0], tw)
-    ky, kx = (h - 1) // th + 2, (w - 1) // tw + 2
-    ty = ty0[:, None, None] + np.arange(ky)[None, :, None]
-    tx = tx0[:, None, None] + np.arange(kx)[None, None, :]
-    # a tile is needed where its pixels meet the part of the region inside the image
-    x_lo, x_hi = np.clip(origins[:, 0], 0, grid.width), np.clip(origins[:, 0] + w, 0, grid.width)
-    y_lo, y_hi = np.clip(origins[:, 1], 0, grid.height), np.clip(origins[:, 1] + h, 0, grid.height)
-    inside = ((ty * th < y_hi[:, None, None]) & ((ty + 1) * th > y_lo[:, None, None])
-              & (tx * tw < x_hi[:, None, None]) & ((tx + 1) * tw > x_lo[:, None, None])
-              & ((x_hi > x_lo) & (y_hi > y_lo))[:, None, None])
-    index = np.where(inside, ty * grid.n_across + tx, -1)
-    pos = np.searchsorted(tile_ids, index)
-    found = inside & (pos < len(tile_ids))
-    found[found] = tile_ids[pos[found]] == index[found]
-    if (inside & ~found).any():
+    needed = blocks >= 0
+    pos = np.searchsorted(tile_ids, blocks)
+    found = needed & (pos < len(tile_ids))
+    found[found] = tile_ids[pos[found]] == blocks[found]
+    if (needed & ~found).any():
         raise ValueError("assemble_on_device: a region needs a tile that was not given")
-    slots = torch.from_numpy(np.where(found, pos, white_slot)).to(device)
-
-    og = torch.from_numpy(origins).to(device)
-    y = og[:, 1, None] + torch.arange(h, device=device)[None, :]            # (B, h)
-    x = og[:, 0, None] + torch.arange(w, device=device)[None, :]            # (B, w)
-    row_in = (y >= 0) & (y < grid.height)
-    col_in = (x >= 0) & (x < grid.width)
-    band = torch.div(y, th, rounding_mode="floor") - torch.from_numpy(ty0).to(device)[:, None]
-    col = torch.div(x, tw, rounding_mode="floor") - torch.from_numpy(tx0).to(device)[:, None]
+    # int32 indices throughout: half the device memory of int64 for the (B, h, w) gather
+    slots = torch.from_numpy(np.where(found, pos, white_slot).astype(np.int32)).to(device)
+    corners = torch.from_numpy(np.concatenate([origins, np.floor_divide(origins, [tw, th])], 1).astype(np.int32))
+    corners = corners.to(device)
+    y = corners[:, 1, None] + torch.arange(h, device=device, dtype=torch.int32)[None, :]    # (B, h)
+    x = corners[:, 0, None] + torch.arange(w, device=device, dtype=torch.int32)[None, :]    # (B, w)
+    band = torch.div(y, th, rounding_mode="floor") - corners[:, 3, None]
+    col = torch.div(x, tw, rounding_mode="floor") - corners[:, 2, None]
     batch = torch.arange(n, device=device)[:, None, None]
-    slot = slots[batch, band[:, :, None], col[:, None, :]]                  # (B, h, w)
-    slot = torch.where(row_in[:, :, None] & col_in[:, None, :], slot, white_slot)
-    pixel = (slot * (th * tw) + (torch.remainder(y, th) * tw)[:, :, None]
-             + torch.remainder(x, tw)[:, None, :])
+    slot = slots[batch, band[:, :, None].long(), col[:, None, :].long()]                      # (B, h, w)
+    inside = ((y >= 0) & (y < grid.height))[:, :, None] & ((x >= 0) & (x < grid.width))[:, None, :]
+    slot = torch.where(inside, slot, white_slot)
+    pixel = (slot * (th * tw) + (torch.remainder(y, th) * tw)[:, :, None] + torch.remainder(x, tw)[:, None, :])
     white = torch.full((1, th, tw, 3), WHITE, dtype=torch.uint8, device=device)
     table = torch.cat([tiles.reshape(-1, th, tw, 3), white]).reshape(-1, 3)
     return table.index_select(0, pixel.reshape(-1)).reshape(n, h, w, 3)
@@ -347,7 +353,8 @@ class DeviceJpegTiles:
         import torch
 
         origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
-        needed = plan_regions(self.grid, origins, w, h).tiles
+        blocks = tile_blocks(self.grid, origins, w, h)
+        needed = np.unique(blocks[blocks >= 0])
         with self._lock:
             missing = [int(i) for i in needed if int(i) not in self._cache]
             found = {i: self._cache[i] for i in map(int, needed) if i in self._cache}
@@ -362,4 +369,4 @@ class DeviceJpegTiles:
             stack = torch.stack([found[int(i)] for i in needed])
         else:
             stack = torch.empty((0, self.grid.tile_h, self.grid.tile_w, 3), dtype=torch.uint8, device=self.device)
-        return assemble_on_device(self.grid, origins, w, h, needed, stack)
+        return assemble_on_device(self.grid, origins, w, h, needed, stack, blocks)

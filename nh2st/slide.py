@@ -22,6 +22,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -129,10 +130,7 @@ class Slide:
         """
         from PIL import Image
 
-        long_edge = max(self.width, self.height)
-        scale = min(1.0, max_size / long_edge)
-        tw, th = max(1, round(self.width * scale)), max(1, round(self.height * scale))
-        level = max(i for i, (lw, lh) in enumerate(self.level_shapes) if (lw >= tw and lh >= th) or i == 0)
+        tw, th, level = self._thumbnail_geometry(max_size)
         lw, lh = self.level_shapes[level]
         sy = lh / th
         band = max(1, int(512 / sy))  # ~512 source rows per band keeps memory flat
@@ -144,6 +142,13 @@ class Slide:
             resized = rows.resize((tw, t1 - t0), Image.Resampling.BOX, box=(0, t0 * sy - r0, lw, t1 * sy - r0))
             out[t0:t1] = np.asarray(resized)
         return out, tw / self.width
+
+    def _thumbnail_geometry(self, max_size: int) -> tuple[int, int, int]:
+        """(width, height) of the thumbnail and the pyramid level it is read from."""
+        scale = min(1.0, max_size / max(self.width, self.height))
+        tw, th = max(1, round(self.width * scale)), max(1, round(self.height * scale))
+        level = max(i for i, (lw, lh) in enumerate(self.level_shapes) if (lw >= tw and lh >= th) or i == 0)
+        return tw, th, level
 
     def close(self) -> None:
         pass
@@ -368,6 +373,18 @@ class TiffSlide(Slide):
 
     def _read_level(self, level, x0, y0, w, h):
         return self._read_regions(level, np.array([[x0, y0]], dtype=np.int64), w, h)[0]
+
+    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+        # a level that fits the cache is decoded on several cores first; the bands then hit the cache
+        level = self._thumbnail_geometry(max_size)[2]
+        lv = self._levels[level]
+        keys = [(level, i) for i in range(len(lv.offsets))]
+        if 1 < len(keys) and len(keys) * lv.seg_w * lv.seg_h * 3 <= self._cache.limit // 2:
+            workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+            parts = [keys[i::workers] for i in range(workers)]
+            with ThreadPoolExecutor(workers, thread_name_prefix="nh2st-thumbnail") as pool:
+                list(pool.map(lambda part: self._cache.get_many(part, self._segment), parts))
+        return super().thumbnail(max_size)
 
     # ---- decoding on a device (GPU) ---------------------------------------------------------------------
     def decodes_on(self, device) -> bool:

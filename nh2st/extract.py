@@ -133,8 +133,8 @@ class _FeatureWrites:
 
     def close(self) -> None:
         """Write what is queued and wait; `abort` instead when the sample failed."""
-        self._start_next()
-        self._start_next()
+        self._start_next()  # wait for the running write, start the queued batches
+        self._start_next()  # wait for those
         self._pool.shutdown()
 
     def abort(self) -> None:
@@ -154,9 +154,9 @@ def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecut
     n = sample.n_spots
     starts = iter(range(0, n, batch_size))
     crops: deque = deque()
-    # On CPU a batch is consumed when submit returns, so its buffer goes back for the next crop; on
+    # On CPU a host batch is consumed when submit returns, so it goes back for the next crop; on
     # CUDA the pinned-memory allocator recycles host batches once their copies are done.
-    spare: list | None = [] if encoder.device.type != "cuda" else None
+    spare: list | None = [] if encoder.device.type == "cpu" and not encoder.crops_on_device else None
 
     def crop_next():
         start = next(starts, None)
@@ -185,7 +185,7 @@ def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecut
                     raise (NH2STError(f"sample {name}: {exc}") if name else exc) from None
             crop_next()
             encoded.append(encoder.submit(patches))
-            if spare is not None and patches.device.type == "cpu":
+            if spare is not None:
                 spare.append(patches)
             del patches
             if len(encoded) > 1:

@@ -4,10 +4,10 @@
 
 For each sample not yet complete in the store: load it through its reader, compute the targets
 (nh2st.expression) and the neighbour index (nh2st.neighbors), then stream its patches through
-the encoder in batches while a thread pool crops the next batches and a writer thread compresses
-the previous one; the sample is marked complete last. Each sample is claimed in the store before it
-is written (nh2st.store.SampleClaims), so several writers share a store, one per sample; complete
-samples are skipped, so a killed run resumes where it stopped.
+the encoder in batches (:func:`encode_sample`) while a thread pool crops the next batches and a
+writer thread compresses the previous ones; the sample is marked complete last. Each sample is
+claimed in the store before it is written (nh2st.store.SampleClaims), so several writers share a
+store, one per sample; complete samples are skipped, so a killed run resumes where it stopped.
 
 Three ways to run: one process and one encoder (the default); `devices=[...]` (`--gpus`), one
 encoder per device, each in its own dask worker process on this machine; `scheduler=ADDRESS`
@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,8 @@ from nh2st.errors import NH2STError
 from nh2st.expression import NORMALISATION, process_expression
 from nh2st.neighbors import knn_index
 from nh2st.progress import make_progress
-from nh2st.store import SUMMARY_FILE, EmbeddingStore, SampleClaims, StoreMeta, store_state
+from nh2st.stages import stage
+from nh2st.store import FEATURE_CHUNK_SPOTS, SUMMARY_FILE, EmbeddingStore, SampleClaims, StoreMeta, store_state
 
 log = logging.getLogger(__name__)
 
@@ -77,42 +78,137 @@ def disk_bytes(path: str | Path) -> int:
     return total
 
 
-def crop_batch(slide, pixel_xy: np.ndarray, size: int) -> np.ndarray:
-    """(B, 2) spot centres -> (B, size, size, 3) uint8 patches."""
-    out = np.empty((len(pixel_xy), size, size, 3), dtype=np.uint8)
-    for i, (x, y) in enumerate(pixel_xy):
-        out[i] = slide.crop(float(x), float(y), size)
-    return out
+def crop_batch(slide, pixel_xy: np.ndarray, encoder, spare: list | None = None):
+    """(B, 2) spot centres -> (B, size, size, 3) uint8 patches, where `encoder` wants them.
+
+    On a GPU whose decoder handles the slide's tiles: a tensor built there (JPEG tiles decoded on
+    the device). Otherwise cropped on the host straight into the encoder's host batch (page-locked
+    on CUDA, so its copy to the device is asynchronous), or into a batch from `spare` (host batches
+    the caller recycles; reusing one spares the kernel zeroing fresh pages).
+    """
+    device = encoder.device
+    if encoder.crops_on_device and slide.decodes_on(device):
+        return slide.crop_batch_on(device, pixel_xy, encoder.patch_size)
+    batch = None
+    if spare:
+        try:
+            batch = spare.pop()
+        except IndexError:  # another thread took the last one
+            pass
+    if batch is None or len(batch) != len(pixel_xy):
+        batch = encoder.host_batch(len(pixel_xy))
+    slide.crop_batch(pixel_xy, encoder.patch_size, out=batch.numpy())
+    return batch
+
+
+class _FeatureWrites:
+    """Writes encoded batches in spot order from one thread, one write at a time, off the encode loop.
+
+    Batches that arrive while a write runs are joined into the next one, up to `max_spots`; a write
+    of many chunks lets zarr compress them in parallel threads, so compression keeps up with the
+    encoder by growing its writes, not by stalling the loop.
+    """
+
+    def __init__(self, writer, max_spots: int):
+        self._writer = writer
+        self._max_spots = max_spots
+        self._queued: list[tuple[np.ndarray, np.ndarray]] = []
+        self._spots = 0
+        self._running = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nh2st-write")
+
+    def add(self, maps: np.ndarray, pooled: np.ndarray) -> None:
+        self._queued.append((maps, pooled))
+        self._spots += len(maps)
+        if self._running is None or self._running.done() or self._spots >= self._max_spots:
+            self._start_next()
+
+    def _start_next(self) -> None:
+        if self._running is not None:
+            with stage("wait for writes"):
+                self._running.result()  # surfaces write errors; bounds memory
+            self._running = None
+        if self._queued:
+            batches, self._queued, self._spots = self._queued, [], 0
+            self._running = self._pool.submit(self._write, batches)
+
+    def _write(self, batches) -> None:
+        with stage("compress + write features"):
+            if len(batches) == 1:
+                maps, pooled = batches[0]
+            else:
+                maps = np.concatenate([m for m, _ in batches])
+                pooled = np.concatenate([p for _, p in batches])
+            self._writer.write_features(maps, pooled)
+
+    def close(self) -> None:
+        """Write what is queued and wait; `abort` instead when the sample failed."""
+        self._start_next()  # wait for the running write, start the queued batches
+        self._start_next()  # wait for those
+        self._pool.shutdown()
+
+    def abort(self) -> None:
+        self._queued = []
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecutor, batch_size: int,
                   prefetch: int, on_batch=None) -> None:
-    """Crop (in `pool`), encode and write every spot of `sample` in order."""
+    """Crop (in `pool`), encode and write every spot of `sample` in order.
+
+    `prefetch` batches are cropped ahead in `pool` (:func:`crop_batch`); each batch is submitted to
+    the encoder before the previous one's result is awaited, so the device always has the next
+    batch queued (and on CUDA its copy overlaps the previous forward); results go to
+    :class:`_FeatureWrites`. A crop error (a corrupt tile) names the sample.
+    """
     n = sample.n_spots
     starts = iter(range(0, n, batch_size))
-    pending: deque = deque()
+    crops: deque = deque()
+    # On CPU a host batch is consumed when submit returns, so it goes back for the next crop; on
+    # CUDA the pinned-memory allocator recycles host batches once their copies are done.
+    spare: list | None = [] if encoder.device.type == "cpu" and not encoder.crops_on_device else None
 
-    def submit_next():
+    def crop_next():
         start = next(starts, None)
         if start is not None:
             xy = sample.pixel_xy[start:start + batch_size]
-            pending.append(pool.submit(crop_batch, sample.slide, xy, encoder.patch_size))
+            crops.append(pool.submit(crop_batch, sample.slide, xy, encoder, spare))
 
-    for _ in range(prefetch):
-        submit_next()
-    with ThreadPoolExecutor(1, thread_name_prefix="nh2st-write") as write_pool:
-        write = None
-        while pending:
-            patches = pending.popleft().result()
-            submit_next()
-            maps, pooled = encoder.encode(patches)
-            if write is not None:
-                write.result()  # one batch in flight keeps memory flat and surfaces write errors
-            write = write_pool.submit(writer.write_features, maps, pooled)
-            if on_batch is not None:
-                on_batch(len(patches))
-        if write is not None:
-            write.result()
+    def finish(encoded) -> None:
+        maps, pooled = encoded.result()
+        writes.add(maps, pooled)
+        if on_batch is not None:
+            on_batch(len(maps))
+
+    for _ in range(max(1, prefetch)):
+        crop_next()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    writes = _FeatureWrites(writer, max_spots=max(batch_size, FEATURE_CHUNK_SPOTS * cores))
+    encoded: deque = deque()
+    try:
+        while crops:
+            with stage("wait for crops"):
+                try:
+                    patches = crops.popleft().result()
+                except NH2STError as exc:
+                    name = getattr(sample, "id", None)
+                    raise (NH2STError(f"sample {name}: {exc}") if name else exc) from None
+            crop_next()
+            encoded.append(encoder.submit(patches))
+            if spare is not None:
+                spare.append(patches)
+            del patches
+            if len(encoded) > 1:
+                finish(encoded.popleft())
+        while encoded:
+            finish(encoded.popleft())
+    except BaseException:
+        for future in crops:
+            future.cancel()
+        wait(crops)  # no crop may still read the slide when the caller closes it
+        writes.abort()
+        raise
+    writes.close()
 
 
 @dataclass(frozen=True)

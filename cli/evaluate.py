@@ -171,7 +171,7 @@ def register(app: typer.Typer) -> None:
             from nh2st.slide import open_slide  # the CLI may read a slide; stage two itself never does
             for sample_id, path in _parse_slides(slide).items():
                 with open_slide(path) as opened:
-                    thumbnails[sample_id] = opened.thumbnail(1024)
+                    thumbnails[sample_id] = opened.thumbnail()
         paths = plot_fold(run_dir / f"fold-{folds[0]}", split_values(genes) or None, top, out, store, thumbnails,
                           split_values(sample) or None, device)
         for path in paths:

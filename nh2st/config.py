@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from nh2st.errors import NH2STError
+from nh2st.paper import NEIGHBORS_K, PATCH_SIZE
 
 # Keys of the first build (and the paper's YAML) that nothing reads, with what to do instead.
 REMOVED = {
@@ -90,8 +91,8 @@ class Model:
 @dataclass
 class Dataset:
     fold_scheme: str = "paper"     # paper | patient | patient:K | kfold:K | loo (nh2st.splits); --split overrides
-    num_neighbors: int = 9         # must equal the store's neighbour index width
-    radius: int = 224              # the patch side in level-0 pixels; must equal the store's patch size
+    num_neighbors: int = NEIGHBORS_K   # must equal the store's neighbour index width
+    radius: int = PATCH_SIZE           # the patch side in pixels; must equal the store's patch size
 
 
 @dataclass

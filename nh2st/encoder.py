@@ -29,13 +29,13 @@ from torchvision.models import resnet18
 
 from nh2st.devices import resolve_device
 from nh2st.errors import NH2STError
+from nh2st.paper import PATCH_SIZE
 from nh2st.stages import stage
 
 log = logging.getLogger(__name__)
 
 BACKBONE = "resnet18-trunk"  # torchvision ResNet18 without avgpool/fc
 FEATURE_SHAPE = (512, 7, 7)
-PATCH_SIZE = 224
 DEFAULT_WEIGHTS = Path("weights/tenpercent_resnet18.ckpt")
 # The paper's transform: ToTensor() then Normalize with the ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -33,20 +33,21 @@ import numpy as np
 from rich.progress import ProgressColumn
 from rich.text import Text
 
+from nh2st import now
 from nh2st.atomic import atomic_write
 from nh2st.datasets import get_dataset
+from nh2st.devices import cpu_count
 from nh2st.encoder import DEFAULT_WEIGHTS, FrozenEncoder
 from nh2st.errors import NH2STError
 from nh2st.expression import NORMALISATION, process_expression
 from nh2st.neighbors import knn_index
+from nh2st.paper import NEIGHBORS_K
 from nh2st.progress import make_progress
 from nh2st.stages import stage
 from nh2st.store import FEATURE_CHUNK_SPOTS, SUMMARY_FILE, EmbeddingStore, SampleClaims, StoreMeta, store_state
 
 log = logging.getLogger(__name__)
 
-NEIGHBORS_K = 9
-THUMBNAIL_SIZE = 1024
 SCHEDULER_TIMEOUT = "20s"  # to connect to a --scheduler
 
 
@@ -182,8 +183,7 @@ def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecut
 
     for _ in range(max(1, prefetch)):
         crop_next()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    writes = _FeatureWrites(writer, max_spots=max(batch_size, FEATURE_CHUNK_SPOTS * cores))
+    writes = _FeatureWrites(writer, max_spots=max(batch_size, FEATURE_CHUNK_SPOTS * cpu_count()))
     encoded: deque = deque()
     try:
         while crops:
@@ -242,8 +242,7 @@ class ExtractJob:
             return self.batch_size or encoder.default_batch_size, self.workers
         # A GPU forward outruns one crop thread by far (JPEG tile decoding); on CPU the crop threads
         # share the cores with the forward, which needs most of them.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-        cores = max(1, cores // self.encoders_per_machine)
+        cores = max(1, cpu_count() // self.encoders_per_machine)
         workers = min(32, cores) if encoder.device.type == "cuda" else min(4, max(2, cores // 4))
         return self.batch_size or encoder.default_batch_size, workers
 
@@ -306,7 +305,7 @@ def run_extract(dataset: str, data_root=None, store_path=None, weights=None, sam
         "n_claimed": sum(r["status"] == "claimed" for r in rows), "spots_extracted": spots,
         "patches_per_s": spots / window if window > 0 else None,
         "seconds": time.time() - started, "store_bytes": disk_bytes(store_path),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished_at": now(),
     }
     atomic_write(store_path / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     return summary
@@ -429,7 +428,7 @@ def _extract_sample(spec, root, sample_id, genes, allow_missing_genes, store, en
         task = bar.add_task(sample_id, total=sample.n_spots)
         encode_sample(sample, encoder, writer, pool, batch_size, prefetch=workers + 1,
                       on_batch=lambda k: bar.advance(task, k))
-        image, scale = sample.slide.thumbnail(THUMBNAIL_SIZE)
+        image, scale = sample.slide.thumbnail()
         writer.write_thumbnail(image, scale)
         writer.commit()
         seconds = time.perf_counter() - t0

@@ -2,8 +2,10 @@
 
 import numpy as np
 
+from nh2st.paper import NEIGHBORS_K
 
-def knn_index(pixel_xy: np.ndarray, k: int = 9, block: int = 2048) -> np.ndarray:
+
+def knn_index(pixel_xy: np.ndarray, k: int = NEIGHBORS_K, block: int = 2048) -> np.ndarray:
     """(N, 2) pixel centres -> (N, k) int32 indices of the k nearest spots, self first.
 
     Ties are broken by spot index (stable sort), as `argsort(dist)[:k]` in the paper's code

@@ -25,7 +25,6 @@ grid-smoothed -- NOT counts.
 This is the one module that uses both stage one (slide, encoder) and stage two (trained models).
 """
 
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,19 +33,20 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from nh2st import __version__
+from nh2st import __version__, now
 from nh2st.atomic import atomic_write
 from nh2st.encoder import DEFAULT_WEIGHTS, FrozenEncoder
 from nh2st.errors import NH2STError
 from nh2st.evaluate import VALUE_SPACE
 from nh2st.extract import encode_sample
+from nh2st.devices import cpu_count
 from nh2st.neighbors import knn_index
+from nh2st.paper import NEIGHBORS_K
 from nh2st.progress import make_progress
 from nh2st.slide import open_slide
 from nh2st.store import EmbeddingStore
 from nh2st.predictor import Predictor
-from nh2st.runs import RUN_JSON, expected_folds, fold_path, now, read_info, resolve_run
-
+from nh2st.runs import RUN_JSON, expected_folds, fold_path, read_info, resolve_run
 CSV_COLUMNS = ("barcode", "x", "y")
 HIRES_SIZE = 2000                # scanpy's "hires" image, as Space Ranger writes it
 VISIUM_SPOT_TO_PITCH = 0.55   # 55 µm spots on a 100 µm pitch
@@ -223,7 +223,7 @@ def encode_spots(slide, pixel_xy: np.ndarray, encoder: FrozenEncoder, batch_size
                  workers: int | None = None, show_progress: bool = True) -> np.ndarray:
     """(N, 2) level-0 centres on `slide` -> (N, 512, 7, 7) float16 maps, cropped and encoded as extract does."""
     batch_size = batch_size or encoder.default_batch_size
-    workers = workers or min(8, max(2, os.cpu_count() or 2))
+    workers = workers or min(8, max(2, cpu_count()))
     spots = SimpleNamespace(n_spots=len(pixel_xy), pixel_xy=pixel_xy, slide=slide)
     collector = _Collector()
     bar = make_progress(transient=True)
@@ -307,7 +307,7 @@ def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool 
         features = encode_spots(slide, pixel_xy, encoder, batch_size, show_progress=show_progress)
         thumbnail, thumb_scale = slide.thumbnail(HIRES_SIZE)
         slide_size = (int(slide.width), int(slide.height))
-    neighbors = knn_index(pixel_xy, int(first.get("store_meta", {}).get("neighbors_k", 9)))
+    neighbors = knn_index(pixel_xy, int(first.get("store_meta", {}).get("neighbors_k", NEIGHBORS_K)))
     prediction = np.mean([p.predict(features, neighbors) for p in predictors], axis=0).astype(np.float32)
 
     library_id = Path(wsi).stem

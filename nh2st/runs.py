@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +32,6 @@ STATUSES = ("running", "finished", "interrupted", "failed")
 RUN_JSON, CONFIG, CHECKPOINT, LAST = "run.json", "config.yaml", "checkpoint.pt", "last.pt"
 LOG_CSV, LOG_JSON, METRICS = "log.csv", "log.json", "metrics.json"
 PARTIAL = ".partial"
-TIMESTAMP = "%Y-%m-%dT%H:%M:%S%z"
-
-
-def now() -> str:
-    """The one timestamp format of run files."""
-    return time.strftime(TIMESTAMP)
-
-
 @dataclass
 class RunInfo:
     """run.json: what a fold was trained on and how, and where it stands."""

@@ -39,11 +39,13 @@ from nh2st.atomic import atomic_write
 from nh2st.errors import NH2STError
 from nh2st.patches import (JPEG_COMPRESSION, WHITE, DeviceJpegTiles, TileGrid, assemble_on_host,
                            plan_regions)
+from nh2st.devices import cpu_count
+from nh2st.paper import PAPER_MPP, PATCH_SIZE
 from nh2st.stages import stage
 
 log = logging.getLogger(__name__)
 
-PATCH_SIZE = 224
+THUMBNAIL_SIZE = 1024    # long edge of the overview image extraction stores for plots
 # Decoded tiles kept per slide: a few rows of 256-px tiles across a Visium capture area, so the
 # crops of neighbouring spots decode each tile once (constant in slide size: RSS stays flat).
 DEFAULT_CACHE_BYTES = 128 << 20
@@ -58,7 +60,6 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # tifffile's TiffFile.is_<flavour> flags of the scanner formats tiffslide reads
 SCANNER_FLAVOURS = ("svs", "ndpi", "scn", "bif", "philips")
 
-PAPER_MPP = 0.5        # µm per pixel of the paper's 224-px patches (HEST's ~20x)
 MPP_TOLERANCE = 0.10   # relative; within it a slide is cropped natively, as the paper does
 
 
@@ -135,7 +136,7 @@ class Slide:
 
         return torch.from_numpy(self.crop_batch(centres, size)).to(device)
 
-    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_size: int = THUMBNAIL_SIZE) -> tuple[np.ndarray, float]:
         """(image, scale): the whole slide with its long edge <= max_size; scale = thumb px per level-0 px.
 
         Reads the smallest pyramid level that is still at least the thumbnail's size, in bands of
@@ -387,13 +388,13 @@ class TiffSlide(Slide):
     def _read_level(self, level, x0, y0, w, h):
         return self._read_regions(level, np.array([[x0, y0]], dtype=np.int64), w, h)[0]
 
-    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_size: int = THUMBNAIL_SIZE) -> tuple[np.ndarray, float]:
         # a level that fits the cache is decoded on several cores first; the bands then hit the cache
         level = self._thumbnail_geometry(max_size)[2]
         lv = self._levels[level]
         keys = [(level, i) for i in range(len(lv.offsets))]
         if 1 < len(keys) and len(keys) * lv.seg_w * lv.seg_h * 3 <= self._cache.limit // 2:
-            workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+            workers = min(8, cpu_count())
             parts = [keys[i::workers] for i in range(workers)]
             with ThreadPoolExecutor(workers, thread_name_prefix="nh2st-thumbnail") as pool:
                 list(pool.map(lambda part: self._cache.get_many(part, self._segment), parts))
@@ -608,7 +609,7 @@ class RescaledSlide(Slide):
             out[i] = np.asarray(Image.fromarray(region).resize((size, size), Image.Resampling.BILINEAR))
         return out
 
-    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_size: int = THUMBNAIL_SIZE) -> tuple[np.ndarray, float]:
         return self.base.thumbnail(max_size)
 
     def close(self):

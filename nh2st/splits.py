@@ -150,8 +150,6 @@ def _kfold_by_sample(ordered: list[str], n_splits: int, seed: int) -> list[list[
 
 def _kfold_by_group(groups: list[str], n_splits: int, seed: int, group_of, ids: list[str]) -> list[list[str]]:
     """KFold over `groups` in the given order; a fold tests every id whose group is held out."""
-    from sklearn.model_selection import KFold
-
     held_out = _kfold_by_sample(groups, n_splits, seed)
     return [[s for s in ids if group_of(s) in set(fold)] for fold in held_out]
 

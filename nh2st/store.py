@@ -47,8 +47,9 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from nh2st import __version__
+from nh2st import __version__, now
 from nh2st.errors import NH2STError
+from nh2st.paper import NEIGHBORS_K, PATCH_SIZE
 
 FORMAT_VERSION = 1
 FEATURE_CHUNK_SPOTS = 128
@@ -76,9 +77,9 @@ class StoreMeta:
     backbone: str
     weights: str
     weights_sha256: str
-    patch_size: int = 224
+    patch_size: int = PATCH_SIZE
     feature_shape: tuple[int, int, int] = (512, 7, 7)
-    neighbors_k: int = 9
+    neighbors_k: int = NEIGHBORS_K
     normalisation: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     gene_selection: dict = field(default_factory=dict)   # how `genes` were chosen (spec, how); not identity
@@ -417,7 +418,7 @@ class EmbeddingStore:
         zarr.create_group(str(path / "samples"))
         zarr.create_group(str(path), attributes={"nh2st": {
             **meta.to_dict(), "created_by": f"nh2st {__version__}",
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+            "created_at": now()}})
 
     @classmethod
     def _clear(cls, path: Path, refuse_if_claimed: bool = True) -> None:

@@ -54,7 +54,6 @@ trusted) on the next use. The HEST-format writers (`write_hest_sample`, and
 """
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,10 +64,12 @@ from scipy import ndimage
 
 from nh2st.atomic import atomic_write
 from nh2st.datasets import hest
+from nh2st.devices import cpu_count
 from nh2st.errors import NH2STError
 from nh2st.expression import normalize_log, process_expression, smooth_grid
 from nh2st.genes import load_gene_list
 from nh2st.metrics import pcc_per_gene
+from nh2st.paper import PATCH_SIZE
 from nh2st.progress import make_progress
 from nh2st.slide import write_pyramid_tiff
 from nh2st.splits import DEMO_IDS
@@ -78,7 +79,7 @@ SEED = 2025_06_30
 MPP = 0.5                      # µm per pixel of level 0 ("20x")
 PITCH_PX = 200.0               # Visium centre-to-centre 100 µm
 SPOT_RADIUS_PX = 55.0          # Visium spot diameter 55 µm
-PATCH_PX = 224                 # the patch `nh2st extract` crops (nh2st.encoder.PATCH_SIZE)
+PATCH_PX = PATCH_SIZE          # the patch `nh2st extract` crops
 SURROUND_RADIUS_PX = 1.75 * PITCH_PX
 AGGREGATE_SPACING_PX = 220.0
 AGGREGATE_RADIUS_PX = (35.0, 55.0)
@@ -751,7 +752,7 @@ def generate_demo(root, seed: int = SEED, show_progress: bool = True) -> dict:
         task = progress.add_task("generating the demo dataset (once)", total=len(DEMO_IDS))
         sims = []
         # two samples at a time: most of the rendering is numpy work that releases the GIL
-        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=min(2, cpu_count())) as pool:
             for sim in pool.map(simulate, DEMO_IDS):
                 sims.append(sim)
                 progress.advance(task)

@@ -46,8 +46,8 @@ def register(app: typer.Typer) -> None:
                                          "patient, kfold:K or loo (default: the config's DATASET.fold_scheme)"),
         patients: Path | None = typer.Option(None, "--patients", help="CSV sample,patient for --split patient "
                                              "(default: the patient each reader recorded at extraction)"),
-        gpus: list[str] | None = typer.Option(None, "--gpus", help="GPU ids; folds run concurrently, one process "
-                                              "per GPU: --gpus 0 1 2"),
+        gpus: list[str] | None = typer.Option(None, "--gpus", help="GPU ids; folds run concurrently, each GPU "
+                                              "taking as many as its memory holds: --gpus 0 1 2"),
         config: Path | None = typer.Option(None, "--config", help="YAML config (default: configs/<dataset>.yaml)"),
         overrides: list[str] | None = typer.Option(None, "--set", help="override a key: --set TRAINING.num_epochs=50"),
         protocol: str = typer.Option("default", "--protocol", help=f"{' or '.join(PROTOCOLS)}: 'default' selects "

@@ -22,13 +22,16 @@ from nh2st.baselines import LinearBaseline, pool
 from nh2st.config import Config, config_from_checkpoint
 from nh2st.devices import resolve_device
 from nh2st.errors import NH2STError
-from nh2st.model import NH2ST, batch_rows
+from nh2st.model import NH2ST, plan_batches
 from nh2st.runs import CHECKPOINT, RUN_JSON, load_checkpoint, read_info
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; CPU runs in float32 (bf16 matmuls are slower there)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA; CPU runs in float32 (bf16 matmuls are slower there).
+
+    cache=False recasts weights at every use (required inside a CUDA graph capture; same values).
+    """
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache) if device.type == "cuda" else nullcontext()
 
 
 def feature_dtype(device: torch.device) -> torch.dtype:
@@ -80,8 +83,8 @@ class Predictor:
         if tuple(features.shape[1:]) != self.feature_shape:
             raise NH2STError(f"features of shape {tuple(features.shape)} do not match the run's "
                              f"(N, {', '.join(map(str, self.feature_shape))}); use a store made like the training one")
-        if len(neighbors) != len(features) or (neighbors.numel() and not
-                                               0 <= int(neighbors.min()) <= int(neighbors.max()) < len(features)):
+        index = neighbors.numpy()            # on the host (predict_tensor), so this never waits on a device
+        if len(neighbors) != len(features) or (index.size and not 0 <= index.min() <= index.max() < len(features)):
             raise NH2STError(f"neighbors {tuple(neighbors.shape)} must have one row per spot ({len(features)}) "
                              "and index rows of features")
 
@@ -92,29 +95,33 @@ class Predictor:
         features (N, C, H, W) maps of every spot (tensor or array, any float dtype, any device);
         neighbors (N, k) rows of `features`, self first; rows: the spots to predict (default all);
         operator (N, k, k): precomputed hypergraph operators (else computed from the maps if needed).
+        The chunks are planned on the host (pass host `neighbors` and `rows` to avoid copying them
+        back) and their index tensors sent to the maps' device once; no chunk waits on the device.
         """
         features = torch.as_tensor(features)
-        neighbors = torch.as_tensor(neighbors).long()
+        neighbors = torch.as_tensor(neighbors).long().cpu()
         self._check(features, neighbors)
-        rows = torch.arange(len(features)) if rows is None else torch.as_tensor(rows).long()
+        rows = torch.arange(len(features)) if rows is None else torch.as_tensor(rows).long().cpu()
         rank, world = _rank_world()
         chunks = rows.split(self.batch_size)
         dtype = feature_dtype(self.device)
         mine = []
-        for chunk in chunks[rank::world]:
-            if self.baseline is not None:
+        if self.baseline is not None:
+            for chunk in chunks[rank::world]:
                 pooled = pool(features[chunk.to(features.device)].to(self.device))
                 mine.append(self.baseline.predict(pooled).float())
-                continue
+        else:
             model = self.model.eval()
-            neighborhoods = neighbors[chunk.to(neighbors.device)]
-            unique, local = batch_rows(neighborhoods, model.neighbors_at_inference)
-            maps = features[unique.to(features.device)].to(self.device, dtype)
-            ops = None
-            if operator is not None and model.neighbors_at_inference:
-                ops = operator[chunk.to(operator.device)].to(self.device)
-            with autocast(self.device):
-                mine.append(model.predict(maps, local.to(self.device), ops).float())
+            plan = [group.to(features.device, non_blocking=True)
+                    for group in plan_batches(neighbors, rows, self.batch_size, model.neighbors_at_inference)]
+            batches = [(group, i) for group in plan for i in range(len(group))]      # one per chunk, in order
+            for group, i in batches[rank::world]:
+                maps = features[group.gather[i, :int(group.counts[i])]].to(self.device, dtype)
+                ops = None
+                if operator is not None and model.neighbors_at_inference:
+                    ops = operator[group.rows[i].to(operator.device)].to(self.device)
+                with autocast(self.device):
+                    mine.append(model.predict(maps, group.local[i].to(self.device), ops).float())
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, [m.cpu() for m in mine])

@@ -133,15 +133,3 @@ class NH2ST(nn.Module):
     def predict(self, maps: torch.Tensor, neighbors: torch.Tensor, operator: torch.Tensor | None = None) -> torch.Tensor:
         """Expression prediction from maps only: (U, C, H, W), (B, k) -> (B, G)."""
         return self(maps, neighbors, operator)["prediction"]
-
-
-def batch_rows(neighbors: torch.Tensor, with_neighbors: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows to gather for a batch and the batch's neighbourhoods re-indexed into them.
-
-    neighbors (B, k) global spot indices, self first -> (unique (U,), local (B, k)) with
-    unique[local] == neighbors. Without neighbours only the targets are gathered (local is (B, 1)).
-    """
-    if not with_neighbors:
-        neighbors = neighbors[:, :1]
-    unique, local = torch.unique(neighbors, return_inverse=True)
-    return unique, local

@@ -1,10 +1,10 @@
 """A fold's data: which samples train, validate and test, and their spots as device tensors.
 
-The whole fold sits in device memory (`FoldSpots`); a batch is an index tensor of rows, and
-neighbours are gathered on the device. No DataLoader, no Python per spot.
+The whole fold sits in device memory (`FoldSpots`); batches are planned on the host a pass at a
+time (nh2st.model.batching) and their rows gathered on the device. No DataLoader, no Python per spot.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +30,13 @@ class FoldSpots:
     split: dict                    # "train" / "val" / "test" -> (n,) int64 rows
     sample_index: torch.Tensor     # (N,) int64 position of each spot's sample in `sample_ids`
     sample_ids: list
+    _host: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def host(self, name: str) -> torch.Tensor:
+        """A CPU copy of `neighbors` or of a split's rows, made once: batches are planned on the host."""
+        if name not in self._host:
+            self._host[name] = (self.neighbors if name == "neighbors" else self.split[name]).cpu()
+        return self._host[name]
 
     @classmethod
     def from_arrays(cls, arrays: dict, split_ids: dict, device="cpu", hyperedge_k: int | None = 3) -> "FoldSpots":

@@ -20,11 +20,13 @@ from rich.progress import TextColumn
 from nh2st import metrics
 from nh2st.config import MONITORS, Config
 from nh2st.errors import NH2STError
-from nh2st.model import NH2ST, batch_rows, nh2st_loss
-from nh2st.predictor import Predictor, autocast
+from nh2st.model import NH2ST
+from nh2st.predictor import Predictor
 from nh2st.progress import make_progress
 from nh2st.runs import CHECKPOINT, LAST, LOG_CSV, LOG_JSON, load_checkpoint, save_checkpoint, write_json
 from nh2st.training.data import FoldSpots
+from nh2st.training.monitor import validation_scores
+from nh2st.training.step import TrainStep
 
 LOG_FIELDS = ("epoch", "train_loss", "val_loss", "val_R", "val_pcc", "lr", "seconds", "spots_per_s")
 SAVE_EVERY_S = 60.0
@@ -77,25 +79,15 @@ def shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return torch.cat([order, order[:pad]])[rank::world]
 
 
-def train_epoch(net, spots: FoldSpots, rows: torch.Tensor, optimizer, cfg: Config, on_step=None) -> tuple[torch.Tensor, int]:
-    """One pass over `rows` (already shuffled) in batches; returns (sum of batch losses on device, steps)."""
-    operator = spots.operator if cfg.MODEL.neighbor_branch else None
-    device = spots.features.device
-    loss_sum, n_steps = torch.zeros((), device=device), 0
-    for batch in rows.split(cfg.TRAINING.batch_size):
-        unique, local = batch_rows(spots.neighbors[batch])
-        with autocast(device):
-            out = net(spots.features[unique], local, None if operator is None else operator[batch],
-                      spots.targets[unique])
-            loss, _ = nh2st_loss(out, spots.targets[batch], cfg.MODEL)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach()
-        n_steps += 1
-        if on_step is not None:
-            on_step()
-    return loss_sum, n_steps
+def train_epoch(net, spots: FoldSpots, rows: torch.Tensor, optimizer, cfg: Config, on_step=None,
+                step: TrainStep | None = None) -> tuple[torch.Tensor, int]:
+    """One pass over `rows` (already shuffled) in batches; returns (sum of batch losses on device, steps).
+
+    on_step() runs after every optimizer step. `step` carries the captured CUDA graphs from one
+    epoch to the next (nh2st.training.step); without it the epoch runs eagerly.
+    """
+    step = step or TrainStep(net, spots, optimizer, cfg, mode="eager")
+    return step.epoch(rows, on_step)
 
 
 def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[str], select: str | None,
@@ -140,6 +132,7 @@ def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[
         if best_epoch >= 0:
             best_state = {k: v.to(device) for k, v in load_checkpoint(run_dir / CHECKPOINT)["model"].items()}
     last_saved = time.monotonic()
+    stepper = TrainStep(net, spots, optimizer, cfg)
 
     progress = make_progress(TextColumn("{task.fields[info]}")) if show_progress and rank == 0 else None
     with progress or nullcontext():
@@ -154,18 +147,17 @@ def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.GENERAL.seed + epoch))
             rows = train_rows[shard(order, rank, world).to(device)]
             loss_sum, n_steps = train_epoch(net, spots, rows, optimizer, cfg,
-                                            (lambda: progress.advance(task)) if progress else None)
+                                            (lambda: progress.advance(task)) if progress else None, stepper)
             scheduler.step()
             if world > 1:
                 dist.all_reduce(loss_sum)
                 loss_sum /= world
+            train_loss = loss_sum.item() / max(n_steps, 1)         # waits for the epoch's queued steps
             train_seconds = time.perf_counter() - started
-            row = {"epoch": epoch, "train_loss": loss_sum.item() / max(n_steps, 1),
+            row = {"epoch": epoch, "train_loss": train_loss,
                    "lr": lr, "spots_per_s": len(train_rows) / train_seconds}
             if select is not None:
-                rows = spots.split[select]
-                scores = metrics.score(predictor.predict(spots.features, spots.neighbors, rows, spots.operator),
-                                       spots.targets[rows].cpu().numpy(), genes, hvg)
+                scores = validation_scores(predictor, spots, select, hvg)
                 row.update(val_loss=scores["mse"], val_R=scores["R"], val_pcc=scores["pcc_mean"])
             row["seconds"] = time.perf_counter() - started
             history.append(row)

@@ -1,9 +1,13 @@
 """Several folds, several processes.
 
-`train_folds(..., devices=["cuda:0", "cuda:1"])` runs folds concurrently, one process per device
-(["cpu", "cpu"] runs two CPU processes). Under torchrun (`python -m nh2st.training`) one fold
-trains with DDP: gradients are averaged, each rank scores a fixed set of evaluation chunks and the
-predictions are gathered (nh2st.predictor), so metrics do not depend on the number of processes.
+`train_folds(..., devices=["cuda:0", "cuda:1"])` runs folds concurrently in one process per fold
+slot: a CUDA device gets as many slots as its free memory holds folds (`fold_footprint`, the
+largest fold's estimated bytes; `folds_per_device` overrides), a CPU device one (["cpu", "cpu"]
+runs two CPU processes). So `--folds all` on one GPU trains the folds side by side, each process
+with its own CUDA context, RNG and graphs, hence the same numbers as one fold at a time.
+Under torchrun (`python -m nh2st.training`) one fold trains with DDP: gradients are averaged,
+each rank scores a fixed set of evaluation chunks and the predictions are gathered
+(nh2st.predictor), so metrics do not depend on the number of processes.
 `spawn_ddp` does what torchrun does without a launcher, for tests and CPU machines.
 """
 
@@ -13,16 +17,21 @@ import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nh2st.config import Config
+from nh2st.devices import resolve_device
 from nh2st.errors import NH2STError
 from nh2st.progress import make_progress
 from nh2st.runs import plan_fold, run_root
-from nh2st.training.data import store_folds
+from nh2st.training.data import fold_split_ids, store_folds
 from nh2st.training.fold import check_choices, check_config_fits_store, open_store, train_fold
+
+CUDA_PROCESS_BYTES = 1 << 30    # a process's CUDA context, cuBLAS workspaces and allocator slack
+MEMORY_SHARE = 0.9              # of a device's free memory that fold slots may plan to use
 
 
 def cpu_count() -> int:
@@ -45,6 +54,63 @@ def resolve_folds(store, folds, split: str = "paper", patients: dict | None = No
     return sorted(set(out))
 
 
+def fold_footprint(store, cfg: Config, fold_samples: list[str], device_type: str = "cuda",
+                   model_kind: str = "nh2st") -> int:
+    """Estimated peak bytes of training one fold on a device of `device_type`, for fold scheduling.
+
+    features + targets + neighbours + hypergraph operators of the fold's spots, parameters with
+    their gradients (one set per captured batch shape), Adam's two moments and the bf16 weight
+    casts, the activations of a training batch (batch_size x k gathered maps) and of an evaluation
+    chunk, and a process's fixed CUDA cost.
+    """
+    store = open_store(store)
+    meta = store.meta
+    n_spots = sum(store.n_spots(s) for s in fold_samples)
+    flat = int(np.prod(meta.feature_shape))
+    k, genes = meta.neighbors_k, len(meta.genes)
+    map_bytes = 2 if device_type == "cuda" else 4
+    data = n_spots * (flat * map_bytes + genes * 4 + k * 8 + k * k * 4 + 16)
+    if model_kind != "nh2st":
+        return data + n_spots * meta.feature_shape[0] * 4 + (CUDA_PROCESS_BYTES if device_type == "cuda" else 0)
+    from nh2st.model import NH2ST
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in NH2ST.from_config(cfg.MODEL, genes, meta.feature_shape).parameters())
+    weights = n_params * (4 + 2 * 4 + 8 + 2)          # fp32 weights, two graphs' gradients, Adam m and v, bf16 casts
+    t, m = cfg.TRAINING, cfg.MODEL
+    rows = t.batch_size * k                           # gathered maps per step, at most
+    per_row = flat * (3 * map_bytes + 4) + (m.hypergraph_dim + m.emb_dim) * 12 + genes * 8
+    activations = 2 * rows * per_row + t.batch_size * m.emb_dim * 64
+    evaluation = t.eval_batch_size * (k * flat * (map_bytes + 2) + genes * 8)
+    return data + weights + activations + evaluation + (CUDA_PROCESS_BYTES if device_type == "cuda" else 0)
+
+
+def folds_per_device(device: torch.device, footprint: int, n_folds: int, per_device: int | None = None) -> int:
+    """How many folds train side by side on `device`: `per_device` if given, else as many as fit
+    in MEMORY_SHARE of a CUDA device's free memory (at least 1); 1 on a CPU (its cores are the limit)."""
+    if per_device is not None:
+        return max(1, min(per_device, n_folds))
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(n_folds, int(free * MEMORY_SHARE // max(footprint, 1))))
+
+
+def fold_slots(store, indices: list[int], cfg: Config, devices: list, split: str, patients, protocol: str,
+               model_kind: str, per_device: int | None = None) -> list[str]:
+    """One device name per concurrent fold process, a device repeated when it holds several folds."""
+    store = open_store(store)
+    resolved = [resolve_device(d) if isinstance(d, str) else torch.device(d) for d in devices]
+    if per_device is None and not any(d.type == "cuda" for d in resolved):
+        return [str(d) for d in resolved]
+    by_index = {f.index: f for f in store_folds(store, split, patients)}
+    footprint = max(fold_footprint(store, cfg, [s for ids in fold_split_ids(by_index[k], cfg, protocol)[0].values()
+                                                for s in ids], resolved[0].type, model_kind) for k in indices)
+    counts = [folds_per_device(device, footprint, len(indices), per_device) for device in resolved]
+    # interleaved, so the first folds spread over the devices: [cuda:0, cuda:1, cuda:0, cuda:1, ...]
+    return [str(device) for round_ in range(max(counts)) for device, count in zip(resolved, counts) if round_ < count]
+
+
 def _fold_worker(messages, store_path, fold_list, cfg, runs_dir, protocol, model_kind, device, n_workers, options):
     if str(device).startswith("cpu"):
         torch.set_num_threads(max(1, cpu_count() // n_workers))
@@ -62,12 +128,13 @@ def _fold_worker(messages, store_path, fold_list, cfg, runs_dir, protocol, model
 
 def train_folds(store, folds="all", cfg: Config | None = None, runs_dir="runs", protocol: str = "default",
                 model_kind: str = "nh2st", devices=("auto",), show_progress: bool = True, split: str | None = None,
-                patients: dict | None = None, overwrite: bool = False, resume: bool = False) -> list[dict]:
+                patients: dict | None = None, overwrite: bool = False, resume: bool = False,
+                folds_per_device: int | None = None) -> list[dict]:
     """Train `folds` ("all" or indices) of the store's `split` folds; returns each fold's test summary in order.
 
     Every fold's folder is checked before anything is trained: a finished fold needs `overwrite`
-    (with `resume` it is skipped and an unfinished one continued). With several devices one
-    process per device runs folds concurrently.
+    (with `resume` it is skipped and an unfinished one continued). Folds run concurrently, one
+    process per slot (`fold_slots`: CUDA devices by free memory, or `folds_per_device` each).
     """
     check_choices(model_kind, protocol)
     cfg = cfg or Config()
@@ -81,19 +148,20 @@ def train_folds(store, folds="all", cfg: Config | None = None, runs_dir="runs", 
         plan_fold(root, k, overwrite, resume)
     options = {"split": split, "patients": patients, "overwrite": overwrite, "resume": resume}
     devices = list(devices) or ["auto"]
-    if len(devices) == 1 or len(indices) == 1:
-        return [train_fold(store_path, k, cfg, runs_dir, protocol, model_kind, devices[0], show_progress, **options)
+    slots = fold_slots(opened, indices, cfg, devices, split, patients, protocol, model_kind, folds_per_device) \
+        if len(indices) > 1 else devices[:1]
+    if len(slots) == 1:
+        return [train_fold(store_path, k, cfg, runs_dir, protocol, model_kind, slots[0], show_progress, **options)
                 for k in indices]
 
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
     workers = []
-    for i, device in enumerate(devices):
-        assigned = indices[i::len(devices)]
-        if assigned:
-            workers.append(ctx.Process(target=_fold_worker, args=(messages, str(store_path), assigned, cfg,
-                                                                  str(runs_dir), protocol, model_kind, device,
-                                                                  min(len(devices), len(indices)), options)))
+    n_workers = min(len(slots), len(indices))
+    for i, device in enumerate(slots[:n_workers]):
+        workers.append(ctx.Process(target=_fold_worker, args=(messages, str(store_path), indices[i::n_workers], cfg,
+                                                              str(runs_dir), protocol, model_kind, device,
+                                                              n_workers, options)))
     results, errors = {}, {}
     progress = make_progress() if show_progress else None
     try:

@@ -122,7 +122,7 @@ def scripted_fit(monkeypatch, tmp_path, values: dict, *overrides, select="val"):
         epoch["n"] += 1
         return {"mse": values.get("loss", [1.0] * 99)[i], "R": values.get("R", [0.0] * 99)[i],
                 "pcc_mean": values.get("pcc", [0.0] * 99)[i]}
-    monkeypatch.setattr(loop.metrics, "score", score)
+    monkeypatch.setattr(loop, "validation_scores", score)
     cfg = small_config(*overrides)
     model = NH2ST.from_config(cfg.MODEL, 5, SHAPE)
     return fit(model, spots, cfg, tmp_path, [f"g{i}" for i in range(5)], select, show_progress=False)

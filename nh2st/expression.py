@@ -21,6 +21,10 @@ from nh2st.errors import NH2STError
 
 LIBRARY_SIZE = 10_000.0
 
+# Every target lies in [0, log10(LIBRARY_SIZE + 1)]: log10(x + 1) of non-negative shares of
+# LIBRARY_SIZE, and the grid smoothing averages such values. Predictions can be clipped to it.
+TARGET_RANGE = (0.0, float(np.log10(LIBRARY_SIZE + 1.0)))
+
 NORMALISATION = {
     "library_size": LIBRARY_SIZE,
     "library_over": "selected genes",

@@ -24,7 +24,7 @@ from nh2st import __version__
 from nh2st.atomic import atomic_write
 from nh2st.errors import NH2STError
 
-BASELINE_KINDS = ("mean", "ridge")      # fitted by nh2st.baselines
+BASELINE_KINDS = ("mean", "ridge", "mlp")      # fitted by nh2st.baselines
 MODEL_KINDS = ("nh2st", *BASELINE_KINDS)
 PROTOCOLS = ("default", "paper")        # selection on carved validation slides, or on the test fold (released code)
 RUN_FORMAT = 2            # 1: the first build's run.json (no format_version, split, n_folds, error)

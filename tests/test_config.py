@@ -99,5 +99,6 @@ def test_every_config_key_is_read_by_some_code():
                 yield from keys(value, f"{prefix}{f.name}.")
             else:
                 yield f"{prefix}{f.name}", f.name
+    acts_while_loading = {"MODEL.preset"}      # picks the recipe keys' defaults in load_config (tested there)
     unread = [key for key, name in keys(Config()) if not re.search(rf"\.{name}\b", code)]
-    assert unread == []
+    assert sorted(unread) == sorted(acts_while_loading)

@@ -1,25 +1,29 @@
-"""Prediction quality on the demo benchmark: baselines, NH²2ST paper mode and its switches, several seeds.
+"""Prediction quality on the demo: baselines, NH²2ST paper mode, the recommended recipe and each of its switches.
 
-    python benchmarks/quality.py                                   # all variants, seeds 0 1 2: ~25 min on 2 CPU cores
-    python benchmarks/quality.py --variants ridge nh2st --seeds 0  # a subset
+    python benchmarks/quality.py                                    # every variant, seeds 0 1 2
+    python benchmarks/quality.py --variants ridge paper nh2st+ --seeds 0
+    python benchmarks/quality.py --report validation                # for tuning: validation slides only
     python benchmarks/quality.py --json quality.json --runs-dir /tmp/quality-runs
 
 For each variant and seed (GENERAL.seed, which also picks the validation slide carved from each
-training fold) all 3 demo folds are trained and tested with `nh2st.training.train_folds` under the
-default protocol (early stopping and checkpoint selection on validation slides, the test fold
-scored once). Variants:
+training fold) all demo folds are trained and tested with `nh2st.training.train_folds` under the
+default protocol: early stopping and checkpoint selection on validation slides, the test fold
+scored once. Variants (configs/demo.yaml is the recommended configuration, MODEL.preset nh2st+):
 
-    mean                  per-gene training mean (`--model mean`)
-    ridge                 HEST-Bench ridge on pooled features (`--model ridge`)
-    nh2st                 paper mode: configs/demo.yaml as shipped
-    nh2st:query+neighbors MODEL.predict_from=query+neighbors
-    nh2st:no-neighbors    MODEL.neighbor_branch=false
+    mean, ridge, mlp      the per-gene training mean; HEST-Bench's ridge and an MLP probe on pooled features
+    paper                 NH²2ST as released: configs/demo.yaml with MODEL.preset=paper
+    nh2st+                the recommended configuration: configs/demo.yaml as shipped
+    paper+<switch>        paper mode plus one switch of the recipe, at the value nh2st+ uses
+                          (bias, selection, schedule, weight-decay, clip; see SWITCHES)
+    nh2st+:query          nh2st+ with MODEL.predict_from=query (paper's prediction from the target alone)
 
-Each seed's value of a metric is the mean over the 3 folds; the table shows mean ± std (population)
-over seeds. "PCC" is pooled over each fold's test slides (as training reports it); "PCC per slide"
-is the mean over test slides of the within-slide PCC (`nh2st.evaluate.evaluate_fold`), the quantity
-the generator's noise ceiling (data/demo/demo.json) is defined as, so only that column compares
-with the ceiling row. Runs go to a temporary folder unless --runs-dir is given, never to runs/.
+`--report test` (default) scores the test folds: PCC pooled over each fold's test slides (as
+training reports it) and per slide (within-slide, mean over test slides: the quantity the
+generator's noise ceiling in demo.json is defined as), R top-50, HVG-50, MSE, MAE. Each seed's
+value is the mean over folds; the table shows mean ± std (population) over seeds.
+`--report validation` shows instead what selection saw on the validation slides at the selected
+epoch (PCC, R, MSE) and never reads a test fold's expression: tune with it, report with test.
+Runs go to a temporary folder unless --runs-dir is given, never to runs/.
 """
 
 import argparse
@@ -34,110 +38,151 @@ from rich.console import Console
 from rich.table import Table
 
 from nh2st import metrics
-from nh2st.config import load_config
+from nh2st.config import PRESETS, load_config
 from nh2st.evaluate import evaluate_fold
 from nh2st.training import train_folds
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {   # name -> (model kind, config overrides)
-    "mean": ("mean", []),
-    "ridge": ("ridge", []),
-    "nh2st": ("nh2st", []),
-    "nh2st:query+neighbors": ("nh2st", ["MODEL.predict_from=query+neighbors"]),
-    "nh2st:no-neighbors": ("nh2st", ["MODEL.neighbor_branch=false"]),
+
+
+def preset_keys(section: str, names: list[str]) -> list[str]:
+    """`--set` overrides of PRESETS["nh2st+"] for the named keys of one section (sub-sections flattened)."""
+    values = PRESETS["nh2st+"][section]
+    out = []
+    for name in names:
+        value = values[name]
+        if isinstance(value, dict):
+            out += [f"{section}.{name}.{k}={v}" for k, v in value.items()]
+        else:
+            out.append(f"{section}.{name}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+PAPER = ["MODEL.preset=paper"]
+SWITCHES = {   # one switch of the recipe, at the value MODEL.preset=nh2st+ gives it
+    "bias": preset_keys("MODEL", ["decoder_bias_init"]),
+    "selection": preset_keys("TRAINING", ["early_stopping"]),
+    "schedule": preset_keys("TRAINING", ["lr_scheduler"]),
+    "weight-decay": preset_keys("TRAINING", ["weight_decay"]),
+    "clip": preset_keys("MODEL", ["clip_output"]),
 }
-LABELS = {"nh2st": "NH²2ST paper mode", "nh2st:query+neighbors": "NH²2ST query+neighbors",
-          "nh2st:no-neighbors": "NH²2ST no neighbor branch"}
-METRICS = ("pcc_mean", "pcc_per_slide", "R", "hvg50_pcc", "mse", "mae")
+VARIANTS = {   # name -> (model kind, config overrides, label)
+    "mean": ("mean", [], "mean (per-gene training mean)"),
+    "ridge": ("ridge", [], "ridge (HEST-Bench: scaler + PCA 256 + ridge, pooled)"),
+    "mlp": ("mlp", [], "MLP probe (pooled, 1 hidden layer)"),
+    "paper": ("nh2st", PAPER, "NH²2ST paper mode"),
+    "nh2st+": ("nh2st", [], "NH²2ST nh2st+ (recommended, configs/demo.yaml)"),
+    **{f"paper+{name}": ("nh2st", PAPER + keys, f"paper mode + {name}") for name, keys in SWITCHES.items()},
+    "nh2st+:query": ("nh2st", ["MODEL.predict_from=query"], "nh2st+ with MODEL.predict_from=query"),
+}
+DEFAULT_VARIANTS = ["mean", "ridge", "mlp", "paper", "nh2st+", *[f"paper+{name}" for name in SWITCHES]]
+TEST_METRICS = ("pcc_mean", "pcc_per_slide", "R", "hvg50_pcc", "mse", "mae")
+VALIDATION_METRICS = {"pcc_mean": "val_pcc", "R": "val_R", "mse": "val_loss"}
 
 
-def ensure_store(store: Path) -> None:
+def ensure_store(store: Path, data_root: Path) -> None:
     if store.exists():
         return
     from nh2st.extract import run_extract   # stage one only when the store is missing
-    run_extract("demo", data_root=ROOT / "data" / "demo", store_path=store)
+    run_extract("demo", data_root=data_root, store_path=store)
 
 
-def validation_trace(fold_dir: Path) -> dict:
-    """The per-epoch log of a fold, condensed: what the selection saw (validation only, never test)."""
+def selected_row(fold_dir: Path, best_epoch: int) -> dict:
+    """The per-epoch log row of the selected epoch: what selection saw on the validation slides."""
     history = json.loads((fold_dir / "log.json").read_text())
-    keep = ("epoch", "train_loss", "val_loss", "val_R", "val_pcc")
-    return {"epochs": [{k: row.get(k) for k in keep} for row in history]}
+    return next(row for row in history if row["epoch"] == best_epoch)
 
 
-def run_seed(store: Path, config: Path, variant: str, seed: int, runs_dir: Path, show_progress: bool) -> dict:
-    """Train and test all folds of one variant with one seed; fold-mean of each metric plus the folds."""
-    kind, overrides = VARIANTS[variant]
+def run_seed(store: Path, config: Path, variant: str, seed: int, runs_dir: Path, report: str,
+             show_progress: bool) -> dict:
+    """Train and score all folds of one variant with one seed; fold-mean of each metric plus the folds."""
+    kind, overrides, _ = VARIANTS[variant]
     cfg = load_config(config, [*overrides, f"GENERAL.seed={seed}"])
-    out_dir = runs_dir / variant.replace(":", "-") / f"seed-{seed}"
+    out_dir = runs_dir / variant.replace(":", "-").replace("+", "plus") / f"seed-{seed}"
     started = time.perf_counter()
     results = train_folds(store, "all", cfg, out_dir, "default", kind, show_progress=show_progress, overwrite=True)
     seconds = time.perf_counter() - started
     folds = []
     for result in results:
         fold_dir = Path(result["run_dir"])
-        per_slide = evaluate_fold(fold_dir, store, write=False)["per_sample_mean"]["pcc_mean"]["mean"]
-        folds.append({"fold": result["fold"], "test_samples": result["test_samples"],
-                      "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
-                      "pcc_per_slide": per_slide,
-                      **{k: result[k] for k in ("pcc_mean", "R", "hvg50_pcc", "mse", "mae")},
-                      "validation": validation_trace(fold_dir)})
-    means = {k: metrics.mean_std([f[k] for f in folds])["mean"] for k in METRICS}
+        fold = {"fold": result["fold"], "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"]}
+        if report == "validation":
+            row = selected_row(fold_dir, result["best_epoch"])
+            fold.update({k: row.get(v) for k, v in VALIDATION_METRICS.items()})
+        else:
+            per_slide = evaluate_fold(fold_dir, store, write=False)["per_sample_mean"]["pcc_mean"]["mean"]
+            fold.update(test_samples=result["test_samples"], pcc_per_slide=per_slide,
+                        **{k: result[k] for k in ("pcc_mean", "R", "hvg50_pcc", "mse", "mae")})
+        folds.append(fold)
+    keys = TEST_METRICS if report == "test" else tuple(VALIDATION_METRICS)
+    means = {k: metrics.mean_std([f[k] for f in folds])["mean"] for k in keys}
     return {"seed": seed, "seconds": seconds, **means, "folds": folds}
 
 
-def summarise(per_seed: list[dict]) -> dict:
-    return {k: metrics.mean_std([s[k] for s in per_seed]) for k in (*METRICS, "seconds")}
+def summarise(per_seed: list[dict], keys) -> dict:
+    return {k: metrics.mean_std([s[k] for s in per_seed]) for k in (*keys, "seconds")}
 
 
-def fmt(stats: dict, digits: int = 3) -> str:
-    if stats["mean"] is None:
+def fmt(stats: dict | None, digits: int = 3) -> str:
+    if stats is None or stats["mean"] is None:
         return "—"
     if stats["n"] < 2:
         return f"{stats['mean']:.{digits}f}"
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def results_table(results: dict, ceiling: dict | None, seeds: list[int]) -> Table:
-    table = Table(title=f"demo benchmark, default protocol, 3 folds, seeds {' '.join(map(str, seeds))} "
+def results_table(results: dict, ceiling: dict | None, seeds: list[int], report: str) -> Table:
+    where = "test folds" if report == "test" else "VALIDATION slides at the selected epoch (tuning view)"
+    table = Table(title=f"demo quality, default protocol, {where}, seeds {' '.join(map(str, seeds))} "
                         "(mean ± std over seeds of the fold mean)")
-    for name in ("variant", "PCC", "PCC per slide", "R top-50", "HVG-50", "MSE", "MAE", "best epoch", "seconds"):
+    columns = (["PCC", "PCC per slide", "% ceiling", "R top-50", "HVG-50", "MSE", "MSE / mean", "MAE"]
+               if report == "test" else ["PCC", "R top-50", "MSE", "MSE / mean"])
+    for name in ("variant", *columns, "best epoch", "s / seed"):
         table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=name == "variant")
+    mean_mse = results.get("mean", {}).get("summary", {}).get("mse", {}).get("mean")
+    noise = ceiling.get("noise_ceiling_pcc") if ceiling else None
     for variant, result in results.items():
         s = result["summary"]
         epochs = [f["best_epoch"] for seed in result["seeds"] for f in seed["folds"]]
-        table.add_row(LABELS.get(variant, variant), fmt(s["pcc_mean"]), fmt(s["pcc_per_slide"]), fmt(s["R"]),
-                      fmt(s["hvg50_pcc"]), fmt(s["mse"]), fmt(s["mae"]),
+        ratio = f"{s['mse']['mean'] / mean_mse:.2f}" if mean_mse and s["mse"]["mean"] is not None else "—"
+        if report == "test":
+            per_slide = s["pcc_per_slide"]["mean"]
+            share = f"{100 * per_slide / noise:.0f} %" if noise and per_slide is not None else "—"
+            cells = [fmt(s["pcc_mean"]), fmt(s["pcc_per_slide"]), share, fmt(s["R"]), fmt(s["hvg50_pcc"]),
+                     fmt(s["mse"]), ratio, fmt(s["mae"])]
+        else:
+            cells = [fmt(s["pcc_mean"]), fmt(s["R"]), fmt(s["mse"]), ratio]
+        table.add_row(VARIANTS[variant][2], *cells,
                       f"{np.mean(epochs):.1f}" if result["kind"] == "nh2st" else "—", fmt(s["seconds"], 0))
-    if ceiling is not None:
-        table.add_row("noise ceiling (generator)", "—", f"{ceiling['noise_ceiling_pcc']:.3f}", "—", "—", "—", "—",
-                      "—", "—", style="italic")
-    table.caption = ("PCC: mean over genes, pooled over each fold's test slides; PCC per slide: within-slide, mean "
-                     "over test slides (comparable with the noise ceiling, which is per slide); R top-50: mean of "
-                     "the 50 best genes (picked on test: optimistic); HVG-50: 50 most variable training genes; "
-                     "best epoch: mean selected epoch (0-based, on validation); seconds: 3 folds per seed. "
-                     "query+neighbors: MODEL.predict_from=query+neighbors; no neighbor branch: "
-                     "MODEL.neighbor_branch=false")
+    if noise and report == "test":
+        cells = ["—", f"{noise:.3f}", "100 %"] + ["—"] * (len(columns) - 3)
+        table.add_row("noise ceiling (generator, per slide)", *cells, "—", "—", style="italic")
+    table.caption = ("PCC: mean over genes, pooled over a fold's test slides; PCC per slide: within-slide, mean over "
+                     "slides (comparable with the noise ceiling, which is per slide); R top-50: mean of the 50 best "
+                     "genes (picked on the scored slides: optimistic); HVG-50: 50 most variable training genes; "
+                     "MSE / mean: MSE over the mean baseline's; best epoch: mean selected epoch (0-based)")
     return table
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=ROOT / "stores" / "demo.zarr")
+    parser.add_argument("--data-root", type=Path, default=ROOT / "data" / "demo",
+                        help="the generated demo (its demo.json holds the noise ceiling)")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GENERAL.seed values")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    parser.add_argument("--report", choices=("test", "validation"), default="test")
     parser.add_argument("--runs-dir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
-    parser.add_argument("--demo-json", type=Path, default=ROOT / "data" / "demo" / "demo.json",
-                        help="the generator's manifest with the noise ceiling")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also save the results here")
     args = parser.parse_args(argv)
 
-    console = Console(width=None if sys.stdout.isatty() else 160)   # logs keep the table's columns
-    ensure_store(args.store)
+    console = Console(width=None if sys.stdout.isatty() else 200)   # logs keep the table's columns
+    ensure_store(args.store, args.data_root)
     tmp = tempfile.TemporaryDirectory(prefix="nh2st-quality-") if args.runs_dir is None else None
     runs_dir = Path(tmp.name) if tmp else args.runs_dir
+    keys = TEST_METRICS if args.report == "test" else tuple(VALIDATION_METRICS)
     started = time.perf_counter()
     results = {}
     try:
@@ -145,22 +190,21 @@ def main(argv=None) -> int:
             per_seed = []
             for seed in args.seeds:
                 console.print(f"{variant} seed {seed} ...", highlight=False)
-                per_seed.append(run_seed(args.store, args.config, variant, seed, runs_dir, not args.no_progress))
+                per_seed.append(run_seed(args.store, args.config, variant, seed, runs_dir, args.report,
+                                         not args.no_progress))
             results[variant] = {"kind": VARIANTS[variant][0], "overrides": VARIANTS[variant][1],
-                                "summary": summarise(per_seed), "seeds": per_seed}
+                                "summary": summarise(per_seed, keys), "seeds": per_seed}
     finally:
         if tmp:
             tmp.cleanup()
-    ceiling = json.loads(args.demo_json.read_text()) if args.demo_json.is_file() else None
-    console.print(results_table(results, ceiling, args.seeds))
+    demo_json = args.data_root / "demo.json"
+    ceiling = json.loads(demo_json.read_text()) if demo_json.is_file() else None
+    console.print(results_table(results, ceiling, args.seeds, args.report))
     wall = time.perf_counter() - started
     console.print(f"wall time {wall:.0f} s", highlight=False)
     if args.json:
-        report = {"store": str(args.store), "config": str(args.config), "protocol": "default", "seeds": args.seeds,
-                  "wall_seconds": wall, "variants": results,
-                  "noise_ceiling": None if ceiling is None else
-                  {"pcc_per_slide": ceiling["noise_ceiling_pcc"], "method": ceiling["noise_ceiling_method"],
-                   "samples": ceiling["samples"]}}
+        report = {"store": str(args.store), "config": str(args.config), "protocol": "default", "report": args.report,
+                  "seeds": args.seeds, "wall_seconds": wall, "variants": results, "generator": ceiling}
         args.json.write_text(json.dumps(metrics.to_json(report), indent=2) + "\n")
     return 0
 

@@ -99,9 +99,12 @@ def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict(
         run: Path = typer.Option(..., "--run", help="run folder runs/<store-name> (or one fold folder)"),
-        wsi: Path = typer.Option(..., "--wsi", help="the slide: pyramidal TIFF, JPEG or PNG"),
-        spots: Path = typer.Option(..., "--spots", help="CSV with barcode, x, y (full-resolution pixels, x = "
-                                   "column) or a Space Ranger / HEST .h5ad"),
+        wsi: Path = typer.Option(..., "--wsi", help="the slide: pyramidal TIFF, SVS, NDPI, SCN, JPEG or PNG"),
+        spots: Path = typer.Option(..., "--spots", help="Space Ranger's tissue_positions.csv / tissue_positions_list.csv, "
+                                   "a CSV or tab-separated file with barcode, x, y (full-resolution pixels, x = "
+                                   "column), or a Space Ranger / HEST .h5ad"),
+        mpp: float | None = typer.Option(None, "--mpp", help="level-0 µm per pixel of the slide when its file "
+                                         "records none (runs on visium/hest stores crop the paper's 112 µm field)"),
         out: Path = typer.Option(..., "--out", help="output .h5ad"),
         fold: int | None = typer.Option(None, "--fold", help="predict with this fold only"),
         ensemble: bool = typer.Option(False, "--ensemble", help="mean of all folds of the run (the default "
@@ -118,7 +121,8 @@ def register(app: typer.Typer) -> None:
 
         with warnings_on_console():
             summary = predict_slide(run, wsi, spots, out, fold=fold, ensemble=ensemble, weights=weights,
-                                    device=device, batch_size=batch_size, allow_missing_folds=allow_missing_folds)
+                                    device=device, batch_size=batch_size, allow_missing_folds=allow_missing_folds,
+                                    mpp=mpp)
         folds = ", ".join(map(str, summary["folds"]))
         stderr.print(f"{summary['out']}: {summary['n_spots']:,} spots x {summary['n_genes']} genes, "
                      f"{summary['model_kind']} fold{'s' if len(summary['folds']) > 1 else ''} {folds}"
@@ -129,10 +133,12 @@ def register(app: typer.Typer) -> None:
     def plot(
         run: Path | None = typer.Option(None, "--run", help="run folder runs/<store-name> or one fold folder "
                                         "(default: the most recent run with the fold)"),
+        predictions: Path | None = typer.Option(None, "--predictions", help="the .h5ad of `nh2st predict`: draw its "
+                                                "predicted maps (a new slide, no ground truth) instead of a fold"),
         fold: int | None = typer.Option(None, "--fold", help="fold to draw (needed with a run folder of several folds)"),
         genes: list[str] | None = typer.Option(None, "--genes", help="genes to draw (repeat or separate by commas)"),
-        top: int | None = typer.Option(None, "--top", help="also draw the N best-predicted genes (default 4 "
-                                       "without --genes)"),
+        top: int | None = typer.Option(None, "--top", help="also draw the N best-predicted genes (with --predictions: "
+                                       "the N most varying predictions; default 4 without --genes)"),
         out: Path = typer.Option(Path("plots"), "--out", help="folder for the PNGs"),
         store: Path | None = typer.Option(None, "--store", help="store to use if the run's has moved"),
         sample: list[str] | None = typer.Option(None, "--sample", help="only these test samples"),
@@ -141,7 +147,17 @@ def register(app: typer.Typer) -> None:
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="where to look for runs"),
         device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N (if it must evaluate first)"),
     ) -> None:
-        """Draw true and predicted expression side by side on the slide, one PNG per gene."""
+        """Draw true and predicted expression side by side on the slide (or predictions alone), one PNG per gene."""
+        if predictions is not None:
+            given = [flag for flag, value in (("--run", run), ("--fold", fold), ("--store", store), ("--sample", sample),
+                                              ("--slide", slide)) if value not in (None, [])]
+            if given:
+                raise NH2STError(f"--predictions draws its own .h5ad; drop {', '.join(given)}")
+            from nh2st.plots import plot_predictions
+
+            for path in plot_predictions(predictions, split_values(genes) or None, top, out):
+                Console().print(str(path), highlight=False, soft_wrap=True)
+            return
         from nh2st.plots import plot_fold
         from nh2st.runs import resolve_run
 
@@ -155,7 +171,7 @@ def register(app: typer.Typer) -> None:
             from nh2st.slide import open_slide  # the CLI may read a slide; stage two itself never does
             for sample_id, path in _parse_slides(slide).items():
                 with open_slide(path) as opened:
-                    thumbnails[sample_id] = opened.thumbnail(1024)
+                    thumbnails[sample_id] = opened.thumbnail()
         paths = plot_fold(run_dir / f"fold-{folds[0]}", split_values(genes) or None, top, out, store, thumbnails,
                           split_values(sample) or None, device)
         for path in paths:

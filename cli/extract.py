@@ -19,23 +19,46 @@ def _size(n: int) -> str:
         n /= 1024
 
 
+def _patch_field(patch: dict | None) -> str:
+    """How a sample's 224-px patches were cut, from the rule extraction recorded."""
+    if not patch:
+        return "native"
+    mpp = f" at {patch['slide_mpp']:g} µm/px" if patch.get("slide_mpp") else ""
+    if patch.get("rule") == "rescaled":
+        return f"{patch['field_px']} px{mpp} -> {patch['patch_size']} px"
+    return f"native{mpp}"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("extract", cls=MultiValueCommand)
     def extract(
-        dataset: str = typer.Option(..., "--dataset", "-d", help="demo, zen, int, stnet, skin, pcw or mouse"),
+        dataset: str = typer.Option(..., "--dataset", "-d", help="demo, zen, int, stnet, skin, pcw, mouse; or your "
+                                    "own: visium (Space Ranger outs/ folders), hest (any HEST-1k ids)"),
         data_root: Path | None = typer.Option(None, "--data-root", help="where the dataset lives (default: data/...)"),
         store: Path | None = typer.Option(None, "--store", help="store to build (default: stores/<dataset>.zarr)"),
         weights: str | None = typer.Option(None, "--weights", help="checkpoint PATH, or 'random' / 'random:seed=N' "
                                            "(default: weights/tenpercent_resnet18.ckpt; random for the demo)"),
         samples: list[str] | None = typer.Option(None, "--samples", help="sample ids to extract instead of the "
                                                  "dataset's list (repeat the flag or separate by commas)"),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (with --scheduler: on "
+                                   "every worker; ignored with --gpus)"),
         batch_size: int | None = typer.Option(None, "--batch-size", help="patches per forward pass "
                                               "(default 256 on CUDA, 64 on CPU)"),
-        workers: int | None = typer.Option(None, "--workers", help="threads cropping patches ahead of the encoder"),
+        workers: int | None = typer.Option(None, "--workers", help="threads cropping patches ahead of each encoder"),
+        gpus: list[str] | None = typer.Option(None, "--gpus", help="GPU ids; one encoder per GPU on disjoint samples, "
+                                              "each in a dask worker process: --gpus 0 1 2 3"),
+        scheduler: str | None = typer.Option(None, "--scheduler", help="dask.distributed scheduler ADDRESS "
+                                             "(tcp://host:8786): one task per sample on its workers, which must "
+                                             "see the data, weights and store at the same paths"),
         overwrite: bool = typer.Option(False, "--overwrite", help="rebuild a store made with other weights/genes"),
         allow_missing_genes: bool = typer.Option(False, "--allow-missing-genes",
                                                  help="fill genes absent from a sample with zeros (warns)"),
+        genes: str | None = typer.Option(None, "--genes", help="FILE (one symbol a line), hvg:N or heg:N (the N most "
+                                         "variable / expressed genes of the samples); default: the paper's list"),
+        image_dir: Path | None = typer.Option(None, "--image-dir", help="visium: folder of full-resolution images "
+                                              "named <sample>.<ext> (default: the image next to each outs/)"),
+        mpp: float | None = typer.Option(None, "--mpp", help="visium/hest: level-0 µm per pixel of the slides "
+                                         "(default: read from each image file)"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="log each sample to stderr"),
     ) -> None:
         """Encode every spot's patch once with the frozen ResNet18 into a resumable Zarr store."""
@@ -45,22 +68,30 @@ def register(app: typer.Typer) -> None:
         with warnings_on_console():
             summary = run_extract(dataset, data_root=data_root, store_path=store, weights=weights,
                                   samples=(split_values(samples) or None), device=device, batch_size=batch_size,
-                                  overwrite=overwrite, allow_missing_genes=allow_missing_genes, workers=workers)
+                                  overwrite=overwrite, allow_missing_genes=allow_missing_genes, workers=workers,
+                                  genes=genes, image_dir=image_dir, mpp=mpp,
+                                  devices=[f"cuda:{g}" for g in split_values(gpus)] or None, scheduler=scheduler)
         if summary["up_to_date"]:
             stderr.print(f"{summary['store']}: up to date, all {summary['n_skipped']} samples already "
                          "extracted; nothing to do", highlight=False)
             return
         table = Table(title=f"{summary['dataset']} -> {summary['store']}")
-        for name, justify in (("sample", "left"), ("status", "left"), ("spots", "right"),
-                              ("seconds", "right"), ("patches/s", "right")):
+        several = len({row.get("device") for row in summary["samples"] if row["status"] == "extracted"}) > 1
+        columns = [("sample", "left"), ("status", "left")] + ([("device", "left")] if several else []) + \
+                  [("spots", "right"), ("seconds", "right"), ("patches/s", "right")]
+        for name, justify in columns:
             table.add_column(name, justify=justify)
         for row in summary["samples"]:
             extracted = row["status"] == "extracted"
-            table.add_row(row["id"], row["status"], f"{row['n_spots']:,}",
+            status = f"being written by {row['holder']}" if row["status"] == "claimed" else row["status"]
+            table.add_row(row["id"], status, *([row.get("device", "")] if several else []),
+                          f"{row['n_spots']:,}" if row["n_spots"] is not None else "",
                           f"{row['seconds']:.1f}" if extracted else "", f"{row['patches_per_s']:.0f}" if extracted else "")
-        table.caption = (f"{summary['spots_extracted']:,} spots at {summary['patches_per_s']:.0f} patches/s on "
-                         f"{summary['device']} ({summary['precision']}), weights {summary['weights']}; "
-                         f"store {_size(summary['store_bytes'])}")
+        if summary["spots_extracted"]:
+            rate = summary["patches_per_s"] or 0
+            table.caption = (f"{summary['spots_extracted']:,} spots at {rate:.0f} patches/s on "
+                             f"{summary['device']} ({summary['precision']}), weights {summary['weights']}; "
+                             f"store {_size(summary['store_bytes'])}")
         Console().print(table)
 
     @app.command("info")
@@ -83,6 +114,7 @@ def register(app: typer.Typer) -> None:
             ("feature shape", "x".join(map(str, attrs.get("feature_shape", [])))),
             ("neighbours k", attrs.get("neighbors_k")),
             ("genes", f"{len(genes)} ({', '.join(genes[:5])}{', ...' if len(genes) > 5 else ''})"),
+            ("genes chosen", attrs.get("gene_selection", {}).get("how", "not recorded (the dataset's shipped list)")),
             ("normalisation", ", ".join(f"{k}: {v}" for k, v in attrs.get("normalisation", {}).items())),
             ("format version", attrs.get("format_version")),
             ("created", f"{attrs.get('created_at', '?')} by {attrs.get('created_by', '?')}"),
@@ -93,13 +125,14 @@ def register(app: typer.Typer) -> None:
             head.add_row(key, str(value))
         table = Table(title="samples")
         for name, justify in (("sample", "left"), ("spots", "right"), ("complete", "left"),
-                              ("completed at", "left"), ("on disk", "right")):
+                              ("completed at", "left"), ("patch field", "left"), ("on disk", "right")):
             table.add_column(name, justify=justify)
         for s in d["samples"]:
             when = (datetime.datetime.fromtimestamp(s["completed_at"]).strftime("%Y-%m-%d %H:%M:%S")
                     if s["completed_at"] else "")
-            table.add_row(s["id"], f"{s['n_spots']:,}", "yes" if s["complete"] else "[red]no (half-written)[/]",
-                          when, _size(s["bytes"]))
+            complete = ("yes" if s["complete"] else f"[yellow]no (being written by {s['writer']})[/]" if s["writer"]
+                        else "[red]no (half-written)[/]")
+            table.add_row(s["id"], f"{s['n_spots']:,}", complete, when, _patch_field(s.get("patch")), _size(s["bytes"]))
         out = Console()
         out.print(head)
         out.print(table)

@@ -9,17 +9,25 @@ wrong types and values out of range are NH2STErrors in scikit-learn's style
 Keys of the paper's config that no code here reads (REMOVED) are refused with the reason in a
 user's file, and dropped silently from configs saved in old run folders and checkpoints, so those
 still load (`config_from_checkpoint`).
+
+Presets. `MODEL.preset` names a set of defaults for the training recipe's keys (PRESETS):
+"paper" (the default) leaves every key as the released code has it; "nh2st+" is the recommended
+recipe measured in benchmarks/quality.py (decoder bias at the training mean, validation PCC with
+an MSE tie-break, warm-up and cosine decay, weight decay, clipped outputs). Precedence, lowest
+first: built-in defaults, the preset, the YAML file, `--set`. A key written in the file or on the
+command line always wins, so the paper's configs/<dataset>.yaml files keep their meaning and
+`--set MODEL.preset=nh2st+` adds the recipe on top of them.
 """
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from nh2st.errors import NH2STError
+from nh2st.paper import NEIGHBORS_K, PATCH_SIZE
 
 # Keys of the first build (and the paper's YAML) that nothing reads, with what to do instead.
 REMOVED = {
@@ -33,10 +41,12 @@ REMOVED = {
     "DATASET.gene_list": "the store records its genes (`nh2st extract --genes`)",
 }
 MONITORS = {"R": ("val_R", "max"), "pcc": ("val_pcc", "max"), "loss": ("val_loss", "min")}
+TIE_BREAKS = ("none", "mse")
 OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("step", "cosine")
+DECODER_BIAS = ("default", "mean")
 PREDICT_FROM = ("query", "query+neighbors")
 INPUT_NORMS = ("none", "channel")
-FOLD_SCHEME = re.compile(r"^(paper|patient|loo|kfold:([2-9]|[1-9]\d+))$")
 
 
 @dataclass
@@ -49,12 +59,17 @@ class EarlyStopping:
     monitor: str = "R"
     patience: int = 20
     mode: str = "auto"     # the monitor's own direction (max for R and pcc, min for loss); explicit must agree
+    min_delta: float = 0.0     # a change of the monitor smaller than this is not an improvement
+    tie_break: str = "none"    # mse: within min_delta of the best monitor value so far, lower validation MSE wins
 
 
 @dataclass
 class LRScheduler:
-    step_size: int = 50
-    gamma: float = 0.9
+    name: str = "step"            # step: StepLR per epoch (the paper); cosine: cosine decay per optimizer step
+    step_size: int = 50           # step only: epochs between decays
+    gamma: float = 0.9            # step only: decay factor
+    warmup_epochs: float = 0.0    # linear warm-up from 0 over this many epochs (per optimizer step), either schedule
+    min_lr_ratio: float = 0.0     # cosine only: the last step's learning rate / learning_rate
 
 
 @dataclass
@@ -64,6 +79,7 @@ class Training:
     optimizer: str = "adam"
     learning_rate: float = 5e-4
     num_epochs: int = 200
+    weight_decay: float = 0.0      # adam: L2 in the gradient; adamw: decoupled; never on biases and norm weights
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     val_fraction: float = 0.15
@@ -87,13 +103,16 @@ class Model:
     predict_from: str = "query"
     neighbor_branch: bool = True
     input_norm: str = "none"
+    preset: str = "paper"          # paper | nh2st+: the defaults of the recipe keys (PRESETS)
+    decoder_bias_init: str = "default"   # mean: the decoder's output bias starts at the training targets' mean
+    clip_output: bool = False      # clip predictions to the target space's range (nh2st.expression.TARGET_RANGE)
 
 
 @dataclass
 class Dataset:
-    fold_scheme: str = "paper"     # paper | patient | kfold:K | loo (nh2st.splits); --split overrides
-    num_neighbors: int = 9         # must equal the store's neighbour index width
-    radius: int = 224              # the patch side in level-0 pixels; must equal the store's patch size
+    fold_scheme: str = "paper"     # paper | patient | patient:K | kfold:K | loo (nh2st.splits); --split overrides
+    num_neighbors: int = NEIGHBORS_K   # must equal the store's neighbour index width
+    radius: int = PATCH_SIZE           # the patch side in pixels; must equal the store's patch size
 
 
 @dataclass
@@ -117,6 +136,10 @@ RANGES = {
     "TRAINING.learning_rate": ("float", 0, INF, True, False),
     "TRAINING.num_epochs": ("int", 1, INF, False, False),
     "TRAINING.early_stopping.patience": ("int", 0, INF, False, False),
+    "TRAINING.early_stopping.min_delta": ("float", 0, INF, False, False),
+    "TRAINING.weight_decay": ("float", 0, INF, False, False),
+    "TRAINING.lr_scheduler.warmup_epochs": ("float", 0, INF, False, False),
+    "TRAINING.lr_scheduler.min_lr_ratio": ("float", 0, 1, False, False),
     "TRAINING.lr_scheduler.step_size": ("int", 1, INF, False, False),
     "TRAINING.lr_scheduler.gamma": ("float", 0, 1, True, False),
     "TRAINING.val_fraction": ("float", 0, 1, False, True),
@@ -140,10 +163,23 @@ CHOICES = {
     "TRAINING.optimizer": OPTIMIZERS,
     "TRAINING.early_stopping.monitor": tuple(MONITORS),
     "TRAINING.early_stopping.mode": ("auto", "max", "min"),
+    "TRAINING.early_stopping.tie_break": TIE_BREAKS,
+    "TRAINING.lr_scheduler.name": LR_SCHEDULES,
+    "MODEL.decoder_bias_init": DECODER_BIAS,
     "MODEL.predict_from": PREDICT_FROM,
     "MODEL.input_norm": INPUT_NORMS,
-    "DATASET.fold_scheme": FOLD_SCHEME,
 }
+# MODEL.preset -> defaults of the recipe keys, as nested sections (see the module docstring)
+PRESETS = {
+    "paper": {},
+    "nh2st+": {
+        "TRAINING": {"weight_decay": 0.01,
+                     "early_stopping": {"monitor": "pcc", "min_delta": 0.005, "tie_break": "mse"},
+                     "lr_scheduler": {"name": "cosine", "warmup_epochs": 1.0, "min_lr_ratio": 0.0}},
+        "MODEL": {"decoder_bias_init": "mean", "clip_output": True},
+    },
+}
+CHOICES["MODEL.preset"] = tuple(PRESETS)
 
 
 def _invalid(key: str, where: str, expected: str, value) -> NH2STError:
@@ -168,12 +204,16 @@ def _check_value(key: str, value, where: str):
             raise _invalid(key, where, f"a{'n int' if kind == 'int' else ' float'} in the range "
                            f"{_interval(low, high, low_open, high_open)}", value)
         return value
+    if key == "DATASET.fold_scheme":
+        from nh2st.splits import SPLITS, parse_split
+
+        try:
+            parse_split(value if isinstance(value, str) else repr(value))
+        except NH2STError:
+            raise _invalid(key, where, f"one of {', '.join(SPLITS)}", value) from None
+        return value
     if key in CHOICES:
         choices = CHOICES[key]
-        if isinstance(choices, re.Pattern):
-            if not (isinstance(value, str) and choices.match(value)):
-                raise _invalid(key, where, "one of paper, patient, loo or kfold:K (K >= 2)", value)
-            return value
         if value not in choices:
             raise _invalid(key, where, f"a str among {{{', '.join(repr(c) for c in choices)}}}", value)
         return value
@@ -224,14 +264,32 @@ def validate(cfg: Config, where: str = "config") -> Config:
     return cfg
 
 
+def _under(defaults: dict, data: dict) -> dict:
+    """`data` with `defaults` filled in where it has no key (nested sections merged); data wins."""
+    merged = dict(defaults)
+    for key, value in data.items():
+        merged[key] = _under(defaults[key], value) if isinstance(value, dict) and isinstance(defaults.get(key), dict) \
+            else value
+    return merged
+
+
+def with_preset(data: dict, where: str) -> dict:
+    """The preset's recipe defaults under the user's keys (MODEL.preset, default paper)."""
+    data = data or {}
+    model = data.get("MODEL")
+    preset = model.get("preset", "paper") if isinstance(model, dict) else "paper"
+    _check_value("MODEL.preset", preset, where)
+    return _under(PRESETS[preset], data)
+
+
 def config_from_dict(data: dict, where: str = "config") -> Config:
     """A validated Config from nested dicts (a user's file: removed keys are refused)."""
-    return validate(_fill(Config, data or {}, where, "", legacy=False), where)
+    return validate(_fill(Config, with_preset(data, where), where, "", legacy=False), where)
 
 
 def config_from_checkpoint(data: dict, where: str = "checkpoint config") -> Config:
     """A Config saved by any nh2st version: keys that were removed since are dropped."""
-    return validate(_fill(Config, data or {}, where, "", legacy=True), where)
+    return validate(_fill(Config, with_preset(data, where), where, "", legacy=True), where)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:

@@ -1,10 +1,16 @@
 """Device selection shared by both stages (`--device auto|cpu|cuda|cuda:N`)."""
 
+import os
 import re
 
 import torch
 
 from nh2st.errors import NH2STError
+
+
+def cpu_count() -> int:
+    """Cores this process may use (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -9,6 +9,10 @@ the one NH²2ST and TRIPLEX use). Its 512x7x7 map feeds the heads' 25088->512 pr
     sha = load_trunk_weights(trunk, "weights/tenpercent_resnet18.ckpt")
     encoder = FrozenEncoder("weights/tenpercent_resnet18.ckpt", device="auto")
     maps, pooled = encoder.encode(patches)              # (B,224,224,3) uint8 -> (B,512,7,7) f16, (B,512) f32
+
+    buffer = encoder.host_batch(256)                    # pinned on CUDA: fill it, then submit it
+    pending = encoder.submit(buffer)                    # copies and compute queued; returns at once on CUDA
+    maps, pooled = pending.result()                     # waits for this batch only
 """
 
 import hashlib
@@ -25,12 +29,13 @@ from torchvision.models import resnet18
 
 from nh2st.devices import resolve_device
 from nh2st.errors import NH2STError
+from nh2st.paper import PATCH_SIZE
+from nh2st.stages import stage
 
 log = logging.getLogger(__name__)
 
 BACKBONE = "resnet18-trunk"  # torchvision ResNet18 without avgpool/fc
 FEATURE_SHAPE = (512, 7, 7)
-PATCH_SIZE = 224
 DEFAULT_WEIGHTS = Path("weights/tenpercent_resnet18.ckpt")
 # The paper's transform: ToTensor() then Normalize with the ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -194,25 +199,114 @@ class FrozenEncoder:
         std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
         self._scale = (1.0 / (255.0 * std)).to(self.device)
         self._shift = (-mean / std).to(self.device)
+        self._streams = None  # CUDA: host->device, compute, device->host (created on first use)
+        # whether the extract loop should have slides build crops on this device (GPU JPEG decoding)
+        self.crops_on_device = self.device.type == "cuda"
 
     @property
     def default_batch_size(self) -> int:
         return 256 if self.device.type == "cuda" else 64
 
-    def preprocess(self, patches: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, H, W) normalised, channels-last, on the encoder's device."""
+    def host_batch(self, n: int) -> torch.Tensor:
+        """An empty (n, 224, 224, 3) uint8 host batch to crop into; page-locked on CUDA so its copy
+        to the device is asynchronous. Fill it through ``.numpy()`` and pass the tensor itself to
+        :meth:`submit` (the allocator then keeps it from reuse until the copy is done)."""
+        return torch.empty((n, self.patch_size, self.patch_size, 3), dtype=torch.uint8,
+                           pin_memory=self.device.type == "cuda")
+
+    def _check(self, patches) -> torch.Tensor:
         batch = torch.as_tensor(patches)
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise NH2STError(f"patches must be (B, H, W, 3) uint8, got {tuple(batch.shape)} {batch.dtype}")
-        if self.device.type == "cuda":
-            batch = batch.pin_memory() if not batch.is_cuda else batch
-        batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        x = batch.float().mul_(self._scale).add_(self._shift)
+        return batch
+
+    def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 on the device -> (B, 3, H, W) normalised, channels-last, encoder dtype."""
+        x = batch.permute(0, 3, 1, 2).float().mul_(self._scale).add_(self._shift)
         return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+
+    def preprocess(self, patches: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) normalised, channels-last, on the encoder's device."""
+        batch = self._check(patches)
+        if self.device.type == "cuda" and not batch.is_cuda and not batch.is_pinned():
+            batch = batch.pin_memory()
+        return self._normalise(batch.to(self.device, non_blocking=True))
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 224, 224, 3) uint8 on the device -> (B, 512, 7, 7) float32 maps on the device."""
+        return self.trunk(self._normalise(batch)).float()
 
     def encode(self, patches: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, 224, 224, 3) uint8 -> maps (B, 512, 7, 7) float16, pooled (B, 512) float32 (numpy)."""
+        return self.submit(patches).result()
+
+    def submit(self, patches: np.ndarray | torch.Tensor) -> "EncodedBatch":
+        """Queue a batch (host array/tensor, or a tensor already on the device); `.result()` gives
+        what :meth:`encode` returns.
+
+        On CUDA three streams overlap: the host->device copy of this batch (from pinned memory),
+        the trunk on the previous one, and the device->host copy (into pinned memory) of the one
+        before; `submit` returns once the work is queued. On CPU it computes before returning.
+        """
+        batch = self._check(patches)
+        if self.device.type != "cuda":
+            with torch.inference_mode():
+                with stage("encode"):
+                    maps = self._forward(batch.to(self.device))
+                    pooled = maps.mean(dim=(2, 3))
+                    maps = maps.to(torch.float16).contiguous()
+            return EncodedBatch(maps.numpy(), pooled.numpy())
+        return self._submit_cuda(batch)
+
+    def _submit_cuda(self, batch: torch.Tensor) -> "EncodedBatch":
+        if self._streams is None:
+            self._streams = tuple(torch.cuda.Stream(self.device) for _ in range(3))
+        copy_in, compute, copy_out = self._streams
         with torch.inference_mode():
-            maps = self.trunk(self.preprocess(patches)).float()
-            pooled = maps.mean(dim=(2, 3))
-            return (maps.to(torch.float16).contiguous().cpu().numpy(), pooled.cpu().numpy())
+            with stage("host -> device"):
+                if batch.is_cuda:  # cropped on the device, on the caller's current stream
+                    compute.wait_stream(torch.cuda.current_stream(self.device))
+                    x = batch
+                else:
+                    if not batch.is_pinned():
+                        batch = batch.pin_memory()
+                    with torch.cuda.stream(copy_in):
+                        x = batch.to(self.device, non_blocking=True)
+                    compute.wait_stream(copy_in)
+                x.record_stream(compute)  # freed only after the trunk has read it
+            with stage("encode (queue)"), torch.cuda.stream(compute):
+                maps = self._forward(x)
+                pooled = maps.mean(dim=(2, 3))
+                maps = maps.to(torch.float16).contiguous()  # NCHW, as the store keeps it
+            with stage("device -> host (queue)"):
+                copy_out.wait_stream(compute)
+                maps.record_stream(copy_out)
+                pooled.record_stream(copy_out)
+                with torch.cuda.stream(copy_out):
+                    host_maps = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
+                    host_pooled = torch.empty(pooled.shape, dtype=pooled.dtype, pin_memory=True)
+                    host_maps.copy_(maps, non_blocking=True)
+                    host_pooled.copy_(pooled, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(copy_out)
+        return EncodedBatch(host_maps, host_pooled, done)
+
+
+class EncodedBatch:
+    """A submitted batch; `result()` -> (maps (B, 512, 7, 7) float16, pooled (B, 512) float32) numpy."""
+
+    def __init__(self, maps, pooled, done=None):
+        self._maps, self._pooled, self._done = maps, pooled, done
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._done is not None:
+            with stage("device -> host (wait)"):
+                self._done.synchronize()
+            self._done = None
+        maps, pooled = self._maps, self._pooled
+        # numpy views of the (pinned) host tensors keep them alive as long as they are used
+        return (maps.numpy() if isinstance(maps, torch.Tensor) else maps,
+                pooled.numpy() if isinstance(pooled, torch.Tensor) else pooled)

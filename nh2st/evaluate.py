@@ -19,7 +19,6 @@ all-fold summary runs/<store-name>/metrics.json; one fold's evaluation writes th
 Folds that have not finished are an error unless allowed, and are then named in the result.
 """
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -27,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from nh2st import __version__, metrics
+from nh2st import __version__, metrics, now
 from nh2st.baselines import BASELINES
 from nh2st.errors import NH2STError
 from nh2st.predictor import Predictor
 from nh2st.progress import make_progress
-from nh2st.runs import METRICS, expected_folds, finished_folds, now, read_info, resolve_run, write_json
+from nh2st.runs import METRICS, expected_folds, finished_folds, read_info, resolve_run, write_json
 from nh2st.store import EmbeddingStore
 
 PREDICTIONS = "predictions.zarr"

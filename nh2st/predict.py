@@ -2,11 +2,17 @@
 
     predict_slide("runs/zen", "my_slide.tif", "my_spots.csv", "my_slide_pred.h5ad")
 
-Spot centres come from a CSV (columns barcode, x, y in level-0 pixels, x = column) or from a
-Space Ranger / HEST `.h5ad` (obs `pxl_col_in_fullres` = x and `pxl_row_in_fullres` = y, else
-`obsm["spatial"]` = (x, y); only `in_tissue` spots when that column exists). Patches are cropped
-with the slide's lazy reader and encoded with the backbone the run was trained on: the weights'
-sha256 must equal the checksum recorded for the run's store. The neighbour index is rebuilt
+Spot centres come from (told apart by content):
+- Space Ranger's positions file, either version: `tissue_positions.csv` (>= 2.0, header) or
+  `tissue_positions_list.csv` (1.x, no header), or `tissue_positions.parquet`; in-tissue spots only,
+  x = pxl_col_in_fullres, y = pxl_row_in_fullres (nh2st.datasets.visium.read_positions);
+- a comma- or tab-separated table with a header holding barcode, x, y (level-0 pixels, x = column);
+- a Space Ranger / HEST `.h5ad` (obs `pxl_col_in_fullres` = x and `pxl_row_in_fullres` = y, else
+  `obsm["spatial"]` = (x, y); only `in_tissue` spots when that column exists).
+Patches are cropped with the slide's lazy reader, over the same field of view as the run's store
+(the paper's 112 µm for visium/hest stores: nh2st.slide.at_paper_resolution; native for the
+paper's datasets), and encoded with the backbone the run was trained on: the weights' sha256 must
+equal the checksum recorded for the run's store. The neighbour index is rebuilt
 from the new spots (nh2st.neighbors.knn_index), and each fold's model predicts from feature maps
 only; with several folds the prediction is their mean.
 
@@ -19,7 +25,6 @@ grid-smoothed -- NOT counts.
 This is the one module that uses both stage one (slide, encoder) and stage two (trained models).
 """
 
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,19 +33,20 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from nh2st import __version__
+from nh2st import __version__, now
 from nh2st.atomic import atomic_write
 from nh2st.encoder import DEFAULT_WEIGHTS, FrozenEncoder
 from nh2st.errors import NH2STError
 from nh2st.evaluate import VALUE_SPACE
 from nh2st.extract import encode_sample
+from nh2st.devices import cpu_count
 from nh2st.neighbors import knn_index
+from nh2st.paper import NEIGHBORS_K
 from nh2st.progress import make_progress
 from nh2st.slide import open_slide
 from nh2st.store import EmbeddingStore
 from nh2st.predictor import Predictor
-from nh2st.runs import RUN_JSON, expected_folds, fold_path, now, read_info, resolve_run
-
+from nh2st.runs import RUN_JSON, expected_folds, fold_path, read_info, resolve_run
 CSV_COLUMNS = ("barcode", "x", "y")
 HIRES_SIZE = 2000                # scanpy's "hires" image, as Space Ranger writes it
 VISIUM_SPOT_TO_PITCH = 0.55   # 55 µm spots on a 100 µm pitch
@@ -59,18 +65,20 @@ def _check_spots(barcodes: np.ndarray, xy: np.ndarray, source: Path) -> tuple[np
     return barcodes, xy
 
 
-def read_spots_csv(path) -> tuple[np.ndarray, np.ndarray]:
-    """CSV with columns barcode, x, y (level-0 pixels; header names case-insensitive) -> (barcodes, (N, 2) xy)."""
+def read_spots_csv(path, sep: str = ",") -> tuple[np.ndarray, np.ndarray]:
+    """A table with columns barcode, x, y (level-0 pixels; header names case-insensitive), separated
+    by `sep` -> (barcodes, (N, 2) xy)."""
     path = Path(path)
     try:
-        table = pd.read_csv(path, dtype={0: str})
+        table = pd.read_csv(path, dtype={0: str}, sep=sep)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise NH2STError(f"{path}: not a readable CSV ({type(exc).__name__}); give columns {', '.join(CSV_COLUMNS)}") from None
     columns = {str(c).strip().lower(): c for c in table.columns}
     missing = [c for c in CSV_COLUMNS if c not in columns]
     if missing:
         raise NH2STError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, table.columns))}); "
-                         "the spots CSV needs barcode, x, y with x = column and y = row in full-resolution pixels")
+                         "the spots table needs barcode, x, y with x = column and y = row in full-resolution pixels "
+                         "(or give Space Ranger's spatial/tissue_positions.csv as it is)")
     barcodes = table[columns["barcode"]].astype(str).to_numpy()
     xy = np.stack([pd.to_numeric(table[columns[c]], errors="coerce").to_numpy(dtype=np.float64) for c in "xy"], axis=1)
     return _check_spots(barcodes, xy, path)
@@ -104,14 +112,49 @@ def read_spots_h5ad(path) -> tuple[np.ndarray, np.ndarray]:
     return _check_spots(barcodes, xy, path)
 
 
+def read_spots_positions(path) -> tuple[np.ndarray, np.ndarray]:
+    """Space Ranger positions (any version) -> in-tissue (barcodes, (N, 2) xy), x = pxl_col_in_fullres."""
+    from nh2st.datasets.visium import read_positions
+
+    table = read_positions(path)
+    table = table[table["in_tissue"] == 1]
+    xy = table[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
+    return _check_spots(table["barcode"].to_numpy(), xy, Path(path))
+
+
+def _is_space_ranger_positions(first_line: str) -> bool:
+    """The header of the >= 2.0 file, or a header-less 1.x row: barcode,in_tissue(0/1),row,col,y,x."""
+    if "pxl_row_in_fullres" in first_line:
+        return True
+    fields = [f.strip() for f in first_line.split(",")]
+    if len(fields) != 6 or fields[1] not in ("0", "1"):
+        return False
+    try:
+        [float(f) for f in fields[2:]]
+    except ValueError:
+        return False
+    return True
+
+
 def read_spots(path) -> tuple[np.ndarray, np.ndarray]:
-    """Spot ids and level-0 centres (x, y) from a .csv or .h5ad."""
+    """Spot ids and level-0 centres (x, y) from Space Ranger positions, a CSV/TSV or an .h5ad (module doc)."""
     path = Path(path)
     if not path.is_file():
-        raise NH2STError(f"{path}: spots file not found; give a CSV (barcode, x, y) or a Space Ranger / HEST .h5ad")
-    if path.suffix.lower() == ".h5ad":
+        raise NH2STError(f"{path}: spots file not found; give Space Ranger's tissue_positions.csv, a CSV or "
+                         "tab-separated file with barcode, x, y, or a Space Ranger / HEST .h5ad")
+    suffix = path.suffix.lower()
+    if suffix == ".h5ad":
         return read_spots_h5ad(path)
-    return read_spots_csv(path)
+    if suffix == ".parquet":
+        return read_spots_positions(path)
+    try:
+        with open(path, newline="") as fh:
+            first = fh.readline()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NH2STError(f"{path}: not a readable text file ({type(exc).__name__}); give a CSV or tab-separated file") from None
+    if _is_space_ranger_positions(first):
+        return read_spots_positions(path)
+    return read_spots_csv(path, sep="\t" if "\t" in first else ",")
 
 
 # ---- runs and weights --------------------------------------------------------------------------------------
@@ -180,7 +223,7 @@ def encode_spots(slide, pixel_xy: np.ndarray, encoder: FrozenEncoder, batch_size
                  workers: int | None = None, show_progress: bool = True) -> np.ndarray:
     """(N, 2) level-0 centres on `slide` -> (N, 512, 7, 7) float16 maps, cropped and encoded as extract does."""
     batch_size = batch_size or encoder.default_batch_size
-    workers = workers or min(8, max(2, os.cpu_count() or 2))
+    workers = workers or min(8, max(2, cpu_count()))
     spots = SimpleNamespace(n_spots=len(pixel_xy), pixel_xy=pixel_xy, slide=slide)
     collector = _Collector()
     bar = make_progress(transient=True)
@@ -204,16 +247,32 @@ def _spot_diameter(pixel_xy: np.ndarray) -> float:
     return VISIUM_SPOT_TO_PITCH * pitch if pitch > 0 else 100.0
 
 
+def _store_field_of_view(slide, run: dict, mpp: float | None):
+    """The slide as the run's store cropped its samples: the paper's field for own-data stores, native otherwise."""
+    from nh2st.datasets import DATASETS
+    from nh2st.slide import at_paper_resolution
+
+    spec = DATASETS.get(str(run.get("store_meta", {}).get("dataset", "")))
+    if spec is None or spec.paper:
+        return slide
+    try:
+        return at_paper_resolution(slide, mpp)[0]
+    except NH2STError:
+        slide.close()
+        raise
+
+
 def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool = False, weights=None,
                   device: str = "auto", batch_size: int | None = None, show_progress: bool = True,
-                  allow_missing_folds: bool = False) -> dict:
+                  allow_missing_folds: bool = False, mpp: float | None = None) -> dict:
     """Predict every spot of `spots` on slide `wsi` with a trained run; writes `out` (.h5ad) atomically.
 
     run: a run folder (runs/<store-name>) or one fold folder. fold: one fold; default (or
     `ensemble`): the mean over every fold of the run (all must have finished unless
     `allow_missing_folds`). weights: checkpoint path or `random[:seed=N]`
     (default: what the run's store used if seeded-random, else weights/tenpercent_resnet18.ckpt);
-    its sha256 must equal the run's. Returns a summary (out path, folds, spots, spots outside).
+    its sha256 must equal the run's. mpp: the slide's level-0 µm per pixel when its file has none
+    (or is wrong). Returns a summary (out path, folds, spots, spots outside).
     """
     import anndata
 
@@ -235,7 +294,7 @@ def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool 
     if any(p.genes != genes for p in predictors):
         raise NH2STError(f"{run}: folds predict different genes; ensemble folds of one run only")
 
-    with open_slide(wsi) as slide:
+    with _store_field_of_view(open_slide(wsi), first, mpp) as slide:
         inside = ((pixel_xy[:, 0] >= 0) & (pixel_xy[:, 0] < slide.width) &
                   (pixel_xy[:, 1] >= 0) & (pixel_xy[:, 1] < slide.height))
         n_outside = int((~inside).sum())
@@ -248,7 +307,7 @@ def predict_slide(run, wsi, spots, out, fold: int | None = None, ensemble: bool 
         features = encode_spots(slide, pixel_xy, encoder, batch_size, show_progress=show_progress)
         thumbnail, thumb_scale = slide.thumbnail(HIRES_SIZE)
         slide_size = (int(slide.width), int(slide.height))
-    neighbors = knn_index(pixel_xy, int(first.get("store_meta", {}).get("neighbors_k", 9)))
+    neighbors = knn_index(pixel_xy, int(first.get("store_meta", {}).get("neighbors_k", NEIGHBORS_K)))
     prediction = np.mean([p.predict(features, neighbors) for p in predictors], axis=0).astype(np.float32)
 
     library_id = Path(wsi).stem

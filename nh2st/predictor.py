@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nh2st.baselines import LinearBaseline, pool
+from nh2st.baselines import LinearBaseline, MLPProbe, baseline_from_state, pool
 from nh2st.config import Config, config_from_checkpoint
 from nh2st.devices import resolve_device
 from nh2st.errors import NH2STError
+from nh2st.expression import TARGET_RANGE
 from nh2st.model import NH2ST, plan_batches
 from nh2st.runs import CHECKPOINT, RUN_JSON, load_checkpoint, read_info
 
@@ -46,12 +47,12 @@ def _rank_world() -> tuple[int, int]:
 class Predictor:
     """``predict(features, neighbors, rows) -> (len(rows), G)`` from feature maps only.
 
-    kind: nh2st | mean | ridge; genes: the output columns; config: the run's Config;
+    kind: nh2st | mean | ridge | mlp; genes: the output columns; config: the run's Config;
     info: the run's RunInfo (None for a model that is still training).
     """
 
     def __init__(self, kind: str, genes: list[str], config: Config, feature_shape, model: NH2ST | None = None,
-                 baseline: LinearBaseline | None = None, device="cpu", batch_size: int | None = None, info=None):
+                 baseline: LinearBaseline | MLPProbe | None = None, device="cpu", batch_size: int | None = None, info=None):
         self.kind, self.genes, self.config, self.info = kind, list(genes), config, info
         self.feature_shape = tuple(feature_shape)
         self.model, self.baseline = model, baseline
@@ -76,7 +77,7 @@ class Predictor:
             model = NH2ST.from_config(cfg.MODEL, len(genes), shape)
             model.load_state_dict(ckpt["model"])
             return cls(kind, genes, cfg, shape, model=model.to(device).eval(), device=device, info=info)
-        return cls(kind, genes, cfg, shape, baseline=LinearBaseline.from_state(kind, ckpt["model"]), device=device,
+        return cls(kind, genes, cfg, shape, baseline=baseline_from_state(kind, ckpt["model"]), device=device,
                    info=info)
 
     def _check(self, features: torch.Tensor, neighbors: torch.Tensor) -> None:
@@ -128,7 +129,10 @@ class Predictor:
             mine = [gathered[i % world][i // world].to(self.device) for i in range(len(chunks))]
         if not mine:
             return torch.zeros((0, len(self.genes)), device=self.device)
-        return torch.cat(mine)
+        out = torch.cat(mine)
+        if self.model is not None and self.config.MODEL.clip_output:
+            out = out.clamp_(*TARGET_RANGE)    # no target lies outside it (nh2st.expression)
+        return out
 
     def predict(self, features, neighbors, rows=None, operator=None) -> np.ndarray:
         """As predict_tensor, as a float32 numpy array on the host."""

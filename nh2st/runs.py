@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from nh2st import __version__
 from nh2st.atomic import atomic_write
 from nh2st.errors import NH2STError
 
-BASELINE_KINDS = ("mean", "ridge")      # fitted by nh2st.baselines
+BASELINE_KINDS = ("mean", "ridge", "mlp")      # fitted by nh2st.baselines
 MODEL_KINDS = ("nh2st", *BASELINE_KINDS)
 PROTOCOLS = ("default", "paper")        # selection on carved validation slides, or on the test fold (released code)
 RUN_FORMAT = 2            # 1: the first build's run.json (no format_version, split, n_folds, error)
@@ -33,14 +32,6 @@ STATUSES = ("running", "finished", "interrupted", "failed")
 RUN_JSON, CONFIG, CHECKPOINT, LAST = "run.json", "config.yaml", "checkpoint.pt", "last.pt"
 LOG_CSV, LOG_JSON, METRICS = "log.csv", "log.json", "metrics.json"
 PARTIAL = ".partial"
-TIMESTAMP = "%Y-%m-%dT%H:%M:%S%z"
-
-
-def now() -> str:
-    """The one timestamp format of run files."""
-    return time.strftime(TIMESTAMP)
-
-
 @dataclass
 class RunInfo:
     """run.json: what a fold was trained on and how, and where it stands."""

@@ -27,12 +27,26 @@ its 7 patients go to 3 folds balanced by slide count (4/3/3 slides, each patient
 together). Mouse replicates carry no animal id, so it has no patient split (an error). For stnet, skin,
 pcw and int the paper folds already hold out whole patients (or stages), so both names give the
 same folds.
+
+Any dataset (your own `visium` / `hest` stores included):
+
+- `kfold:K`: KFold(K, shuffle=True, random_state=seed) over the sorted sample ids;
+- `loo`: leave one sample out, one fold per sample (sorted);
+- `patient`: leave one patient out (patients sorted by name); `patient:K`: K folds of whole
+  patients, balanced by slide count (largest patients first, each to the fold with the fewest
+  slides, ties by name then fold index). Patients come from `patients` ({sample: patient}: a CSV
+  read by :func:`read_patients`, or the `patient` each reader stored, :func:`patients_from_store`).
+  For the paper's datasets `patient` keeps the scheme above (their patients are known) unless
+  `patients` is given explicitly (a --patients CSV); `patient:K` uses the given patients, else the
+  known ones (zen, stnet, skin, int, demo).
+
+The paper's datasets default to `paper`; datasets without paper folds need one of these.
 """
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
-from sklearn.model_selection import KFold
 
 from nh2st.errors import NH2STError
 
@@ -44,7 +58,9 @@ class Fold:
     test: list[str]
 
 
-SPLITS = ("paper", "patient")
+SPLITS = ("paper", "patient", "patient:K", "kfold:K", "loo")
+DEFAULT_SEED = 42
+PATIENT_COLUMNS = (("sample", "sample_id", "id", "slide"), ("patient", "patient_id", "donor", "subject"))
 
 DEMO_IDS = [f"DEMO{i}" for i in range(1, 7)]
 
@@ -124,6 +140,8 @@ def missing_samples(dataset: str, sample_ids: list[str]) -> list[str]:
 
 def _kfold_by_sample(ordered: list[str], n_splits: int, seed: int) -> list[list[str]]:
     """Test ids of KFold(n_splits, shuffle=True, random_state=seed) over `ordered` as given."""
+    from sklearn.model_selection import KFold  # sklearn costs ~1 s to import; `nh2st --help` should not
+
     if len(ordered) < n_splits:
         raise NH2STError(f"{len(ordered)} samples cannot make {n_splits} folds; add samples or use fewer folds")
     splitter = KFold(n_splits, shuffle=True, random_state=seed)
@@ -185,15 +203,8 @@ def _paper_tests(dataset: str, universe: list[str], split: str) -> list[list[str
     raise NH2STError(f"no fold scheme for dataset {dataset!r}")
 
 
-def folds(dataset: str, sample_ids: list[str] | None = None, split: str = "paper") -> list[Fold]:
-    """The folds of `dataset` over `sample_ids` (default: the paper's sample list).
-
-    Train and test lists are sorted. With `sample_ids`, the paper's folds are restricted to those
-    ids (see the module docstring); ids the dataset's fold scheme does not know are an error.
-    """
-    dataset = dataset.lower()
-    if split not in SPLITS:
-        raise NH2STError(f"--split {split!r} is unknown; choose one of: {', '.join(SPLITS)}")
+def _paper_folds(dataset: str, sample_ids: list[str] | None, split: str) -> list[list[str]]:
+    """(ids, each fold's test ids) of the paper's scheme (split "paper" or "patient")."""
     if dataset == "demo":  # synthetic: any ids, one slide per patient
         ids = list(sample_ids) if sample_ids is not None else known_samples("demo")
         tests = _kfold_by_sample(sorted(ids), 3, 42)
@@ -209,11 +220,134 @@ def folds(dataset: str, sample_ids: list[str] | None = None, split: str = "paper
             raise NH2STError(f"duplicate sample ids given for {dataset}; each sample must appear once")
         present = set(ids)
         tests = [[s for s in test if s in present] for test in _paper_tests(dataset, universe, split)]
+    return ids, tests
+
+
+def parse_split(split: str) -> tuple[str, int | None]:
+    """"kfold:4" -> ("kfold", 4); "loo" -> ("loo", None); an unknown split is an error listing SPLITS."""
+    kind, sep, value = str(split).strip().lower().partition(":")
+    if kind in ("paper", "loo", "patient") and not sep:
+        return kind, None
+    if kind in ("kfold", "patient") and sep:
+        if not value.isdigit() or int(value) < 2:
+            raise NH2STError(f"--split {split}: K must be a whole number of folds, at least 2 (e.g. {kind}:4)")
+        return kind, int(value)
+    raise NH2STError(f"--split {split!r} is unknown; choose one of: {', '.join(SPLITS)}")
+
+
+def read_patients(path) -> dict[str, str]:
+    """A CSV (or tab-separated) file with a header naming a sample column (sample, sample_id, id or
+    slide) and a patient column (patient, patient_id, donor or subject) -> {sample id: patient}."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise NH2STError(f"--patients {path}: file not found; give a CSV with columns sample,patient")
+    try:
+        table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises many types on malformed files
+        raise NH2STError(f"{path}: not a readable CSV ({type(exc).__name__}: {exc}); give columns sample,patient") from None
+    columns = {str(c).strip().lower(): c for c in table.columns}
+    found = [next((columns[n] for n in names if n in columns), None) for names in PATIENT_COLUMNS]
+    if None in found:
+        raise NH2STError(f"{path}: needs a header with a sample column ({'/'.join(PATIENT_COLUMNS[0])}) and a patient "
+                         f"column ({'/'.join(PATIENT_COLUMNS[1])}); found: {', '.join(map(str, table.columns))}")
+    out: dict[str, str] = {}
+    for line, (sample, patient) in enumerate(zip(table[found[0]], table[found[1]]), start=2):
+        sample, patient = str(sample).strip(), str(patient).strip()
+        if not sample or not patient:
+            raise NH2STError(f"{path}: line {line} has an empty sample or patient; give both on every line")
+        if out.get(sample, patient) != patient:
+            raise NH2STError(f"{path}: sample {sample} is given two patients ({out[sample]}, {patient}); keep one")
+        out[sample] = patient
+    if not out:
+        raise NH2STError(f"{path}: no rows; give one line sample,patient per sample")
+    return out
+
+
+def patients_from_store(store) -> dict[str, str]:
+    """{sample: patient} for the complete samples of an EmbeddingStore whose reader recorded a patient."""
+    out = {}
+    for sample_id in store.sample_ids():
+        patient = (store.sample_info(sample_id).get("meta") or {}).get("patient")
+        if patient not in (None, ""):
+            out[sample_id] = str(patient)
+    return out
+
+
+def _known_patients(dataset: str, ids: list[str]) -> dict[str, str] | None:
+    if dataset == "zen":
+        return {s: ZEN_PATIENTS[s] for s in ids if s in ZEN_PATIENTS}
+    if dataset in ("stnet", "skin"):
+        return {s: s.split("_")[0] for s in ids}
+    if dataset in ("int", "demo"):
+        return {s: s for s in ids if dataset == "demo" or s in INT_IDS}
+    return None
+
+
+def _patient_tests(ids: list[str], patients: dict[str, str], k: int | None, source: str) -> list[list[str]]:
+    lacking = [s for s in ids if s not in patients]
+    if lacking:
+        shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+        raise NH2STError(f"{source} has no patient for sample(s) {shown}; add a line <sample>,<patient> for each "
+                         "(every sample needs its patient)")
+    groups: dict[str, list[str]] = {}
+    for s in ids:
+        groups.setdefault(patients[s], []).append(s)
+    if len(groups) < 2:
+        raise NH2STError(f"all {len(ids)} samples belong to one patient ({next(iter(groups))}); folds by patient "
+                         "need at least 2 patients; use --split kfold:K or loo")
+    names = sorted(groups)
+    if k is None:
+        return [groups[p] for p in names]
+    if k > len(groups):
+        raise NH2STError(f"--split patient:{k}: only {len(groups)} patients; use at most patient:{len(groups)}")
+    tests: list[list[str]] = [[] for _ in range(k)]
+    for patient in sorted(names, key=lambda p: -len(groups[p])):
+        min(tests, key=len).extend(groups[patient])
+    return tests
+
+
+def folds(dataset: str, sample_ids: list[str] | None = None, split: str = "paper",
+          patients: dict[str, str] | None = None, seed: int = DEFAULT_SEED,
+          patients_source: str = "the patient list") -> list[Fold]:
+    """The folds of `dataset` over `sample_ids` (default: the paper's sample list) for `split`.
+
+    split: paper | patient | patient:K | kfold:K | loo (module docstring). patients: {sample:
+    patient} for the patient splits; seed: kfold's shuffle. Train and test lists are sorted; folds
+    left without train or test samples are dropped. With the paper's split, the paper's folds are
+    restricted to `sample_ids`, and ids its scheme does not know are an error.
+    """
+    dataset = dataset.lower()
+    kind, k = parse_split(split)
+    if sample_ids is None and dataset not in KNOWN_SAMPLES:
+        raise NH2STError(f"{dataset} has no known sample list; give its sample ids (e.g. --store or --samples)")
+    if kind == "paper" and dataset not in KNOWN_SAMPLES:
+        raise NH2STError(f"{dataset} has no paper folds; choose --split kfold:K, loo or patient "
+                         "(with --patients CSV when the samples carry no patient)")
+    if kind == "paper" or (kind == "patient" and k is None and dataset in KNOWN_SAMPLES and patients is None):
+        ids, tests = _paper_folds(dataset, sample_ids, kind)
+    else:
+        ids = sorted(dict.fromkeys(sample_ids if sample_ids is not None else known_samples(dataset)))
+        if sample_ids is not None and len(ids) != len(sample_ids):
+            raise NH2STError(f"duplicate sample ids given for {dataset}; each sample must appear once")
+        if kind == "kfold":
+            tests = _kfold_by_sample(ids, k, seed)
+        elif kind == "loo":
+            tests = [[s] for s in ids]
+        else:
+            if patients is None:
+                patients = _known_patients(dataset, ids)
+                patients_source = f"the known {dataset} patients"
+            if patients is None:
+                raise NH2STError(f"--split {split} needs each sample's patient: pass --patients CSV (columns "
+                                 "sample,patient), or extract from HEST-1k, whose metadata's patient is stored")
+            tests = _patient_tests(ids, patients, k, patients_source)
     out = []
-    for k, test in enumerate(tests):
+    for index, test in enumerate(tests):
         train = sorted(s for s in ids if s not in set(test))
         if test and train:
-            out.append(Fold(k, train, sorted(test)))
+            out.append(Fold(index, train, sorted(test)))
     if not out:
         raise NH2STError(f"the {len(ids)} given {dataset} sample(s) leave no fold with both train and test "
                          "samples; add samples")

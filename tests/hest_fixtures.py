@@ -59,13 +59,13 @@ class Expected:
 def make_hest_sample(root, sample_id: str, genes: list[str], *, n_rows: int = 5, per_row: int = 6,
                      seed: int = 0, dense: bool = False, off_tissue: int = 3, drop_columns=(),
                      counts_hook=None, obs_hook=None, pyramid: str = "subifds", compression: str = "zlib",
-                     patches: bool = False) -> Expected:
+                     patches: bool = False, metadata: dict | None = None) -> Expected:
     """Write one HEST-format sample under `root` and return what a reader must give back.
 
     Spots lie on a Visium hex grid (array_col of one row 2 apart, odd rows shifted) with fractional
     pixel centres; the slide is wider than tall so swapped x/y would show. `off_tissue` spots get
     in_tissue = 0. `drop_columns` removes obs columns; `counts_hook(X_dense)` and `obs_hook(obs)`
-    may corrupt the data for bad-input tests.
+    may corrupt the data for bad-input tests; `metadata` adds keys to metadata/<id>.json.
     """
     rng = np.random.default_rng(seed)
     array_row = np.repeat(np.arange(n_rows), per_row) + 10
@@ -93,7 +93,7 @@ def make_hest_sample(root, sample_id: str, genes: list[str], *, n_rows: int = 5,
     X = counts[order] if dense else sparse.csr_matrix(counts[order])
     metadata = {"id": sample_id, "st_technology": "Visium", "pixel_size_um_estimated": 0.5,
                 "magnification": "20x", "oncotree_code": float("nan"), "treatment_comment": float("nan"),
-                "spot_diameter": 55.0, "inter_spot_dist": 100.0}
+                "spot_diameter": 55.0, "inter_spot_dist": 100.0, **(metadata or {})}
     paths = write_hest_sample(root, sample_id, image=coordinate_image(width, height), mpp=0.5, obs=obs, X=X,
                               var_names=var_names, metadata=metadata, compression=compression, pyramid=pyramid)
     if patches:

@@ -52,7 +52,7 @@ def test_shipped_configs_hold_the_papers_settings(name):
     ("MODEL.neighbor_branch=yes please", r"'MODEL.neighbor_branch' .* must be a bool"),
     ("TRAINING.early_stopping.monitor=acc", r"'TRAINING.early_stopping.monitor' .* among \{'R', 'pcc', 'loss'\}"),
     ("TRAINING.early_stopping.mode=max", None),
-    ("DATASET.fold_scheme=kfold:1", r"'DATASET.fold_scheme' .* one of paper, patient, loo or kfold:K"),
+    ("DATASET.fold_scheme=kfold:1", r"'DATASET.fold_scheme' .* one of paper, patient, patient:K, kfold:K, loo"),
     ("MODEL.num_heads1=7", r"MODEL.emb_dim=512 must be divisible by MODEL.num_heads1=7"),
 ])
 def test_values_are_validated_when_loaded(override, message):
@@ -99,5 +99,6 @@ def test_every_config_key_is_read_by_some_code():
                 yield from keys(value, f"{prefix}{f.name}.")
             else:
                 yield f"{prefix}{f.name}", f.name
+    acts_while_loading = {"MODEL.preset"}      # picks the recipe keys' defaults in load_config (tested there)
     unread = [key for key, name in keys(Config()) if not re.search(rf"\.{name}\b", code)]
-    assert unread == []
+    assert sorted(unread) == sorted(acts_while_loading)

@@ -162,3 +162,21 @@ def test_encode_rejects_non_uint8():
     encoder = FrozenEncoder("random", device="cpu")
     with pytest.raises(NH2STError, match="uint8"):
         encoder.encode(np.zeros((1, 224, 224, 3), dtype=np.float32))
+
+
+def test_submit_queues_a_batch_and_result_matches_encode():
+    encoder = FrozenEncoder("random", device="cpu")
+    assert not encoder.crops_on_device  # CPU: slides crop on the host
+    batch = encoder.host_batch(4)
+    assert tuple(batch.shape) == (4, 224, 224, 3) and batch.dtype == torch.uint8 and not batch.is_pinned()
+    batch.numpy()[...] = _patches(4)  # crops are written through the numpy view
+    pending = [encoder.submit(batch), encoder.submit(_patches(2, seed=1))]
+    assert len(pending[0]) == 4
+    maps, pooled = pending[0].result()
+    ref_maps, ref_pooled = encoder.encode(_patches(4))
+    assert maps.flags.c_contiguous and maps.dtype == np.float16 and pooled.dtype == np.float32
+    np.testing.assert_array_equal(maps, ref_maps)
+    np.testing.assert_array_equal(pooled, ref_pooled)
+    assert pending[1].result()[0].shape == (2, 512, 7, 7)
+    with pytest.raises(NH2STError, match="uint8"):
+        encoder.submit(np.zeros((1, 224, 224, 3), dtype=np.float32))

@@ -300,3 +300,88 @@ def test_spots_from_hest_h5ad(tmp_path):
     only_obsm.obsm["spatial"] = np.array([[5.0, 6.0], [7.0, 8.0]])
     only_obsm.write_h5ad(tmp_path / "o.h5ad")
     np.testing.assert_array_equal(read_spots(tmp_path / "o.h5ad")[1], [[5.0, 6.0], [7.0, 8.0]])
+
+
+def _space_ranger_positions(table: pd.DataFrame, off_tissue: int = 2) -> pd.DataFrame:
+    """Space Ranger's columns for spots (barcode, x, y), plus off-tissue rows the reader must drop."""
+    rows = pd.DataFrame({"barcode": table.barcode, "in_tissue": 1, "array_row": range(len(table)),
+                         "array_col": range(len(table)), "pxl_row_in_fullres": table.y, "pxl_col_in_fullres": table.x})
+    off = pd.DataFrame({"barcode": [f"OFF{i}-1" for i in range(off_tissue)], "in_tissue": 0, "array_row": 50,
+                        "array_col": range(off_tissue), "pxl_row_in_fullres": 1.0, "pxl_col_in_fullres": 2.0})
+    return pd.concat([off, rows], ignore_index=True)
+
+
+def test_spots_from_space_ranger_positions_both_versions_and_tsv(tmp_path):
+    from nh2st.predict import read_spots
+
+    table = pd.DataFrame({"barcode": ["AAAC-1", "AAAG-1", "AAAT-1"], "x": [10.5, 20.0, 30.0], "y": [100.0, 200.0, 300.25]})
+    positions = _space_ranger_positions(table)
+    positions.to_csv(tmp_path / "tissue_positions.csv", index=False)                    # Space Ranger >= 2.0
+    positions.to_csv(tmp_path / "tissue_positions_list.csv", index=False, header=False)  # 1.x, no header
+    positions.to_parquet(tmp_path / "tissue_positions.parquet", index=False)
+    table.to_csv(tmp_path / "spots.tsv", sep="\t", index=False)
+    for name in ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet", "spots.tsv"):
+        barcodes, xy = read_spots(tmp_path / name)
+        assert list(barcodes) == list(table.barcode), name                      # in-tissue spots only
+        np.testing.assert_array_equal(xy, table[["x", "y"]].to_numpy())          # x = pxl_col, y = pxl_row
+    pd.DataFrame({"barcode": ["a"], "col": [1.0], "row": [2.0]}).to_csv(tmp_path / "bad.tsv", sep="\t", index=False)
+    with pytest.raises(NH2STError, match=r"bad.tsv: missing column\(s\) x, y \(found: barcode, col, row\)"):
+        read_spots(tmp_path / "bad.tsv")
+
+
+def test_predict_from_space_ranger_positions_equals_the_csv(predict_setup, tmp_path):
+    from nh2st.predict import predict_slide
+
+    s = predict_setup
+    inside = s["spots_table"].iloc[:4]                           # the spots on the slide
+    inside.to_csv(tmp_path / "spots.csv", index=False)
+    _space_ranger_positions(inside).to_csv(tmp_path / "tissue_positions.csv", index=False)
+    outs = {}
+    for name in ("spots.csv", "tissue_positions.csv"):
+        outs[name] = predict_slide(s["run"], s["slide"], tmp_path / name, tmp_path / f"{name}.h5ad", fold=0,
+                                   weights="random:seed=0", device="cpu", show_progress=False)
+    from_csv, from_positions = (anndata.read_h5ad(tmp_path / f"{n}.h5ad") for n in ("spots.csv", "tissue_positions.csv"))
+    assert list(from_positions.obs_names) == list(inside.barcode)                 # off-tissue spots dropped
+    np.testing.assert_array_equal(from_positions.obsm["spatial"], inside[["x", "y"]].to_numpy())
+    np.testing.assert_allclose(from_positions.X, from_csv.X, rtol=1e-6)
+
+
+def test_predict_crops_the_field_of_view_of_the_runs_store(tmp_path):
+    from nh2st.predict import _store_field_of_view
+    from nh2st.slide import RescaledSlide, open_slide, write_pyramid_tiff
+
+    image = np.full((64, 64, 3), 200, np.uint8)
+    for mpp, name in ((0.25, "40x.tif"), (None, "bare.tif")):
+        write_pyramid_tiff(tmp_path / name, image, mpp=mpp, compression="lzw")
+    own, paper = {"store_meta": {"dataset": "visium"}}, {"store_meta": {"dataset": "demo"}}
+    slide = _store_field_of_view(open_slide(tmp_path / "40x.tif"), own, None)
+    assert isinstance(slide, RescaledSlide) and slide.field() == 448
+    assert not isinstance(_store_field_of_view(open_slide(tmp_path / "40x.tif"), paper, None), RescaledSlide)
+    with pytest.raises(NH2STError, match=r"bare.tif: the slide records no microns per pixel.*pass --mpp"):
+        _store_field_of_view(open_slide(tmp_path / "bare.tif"), own, None)
+    assert not isinstance(_store_field_of_view(open_slide(tmp_path / "bare.tif"), own, 0.52), RescaledSlide)
+
+
+def test_plot_predictions_of_a_new_slide(predict_setup, tmp_path):
+    from cli.main import app
+    from nh2st.predict import predict_slide
+
+    s = predict_setup
+    out = tmp_path / "pred.h5ad"
+    with pytest.warns(UserWarning):   # the off-slide spot, the untrained fold
+        predict_slide(s["run"], s["slide"], s["spots"], out, weights="random:seed=0", device="cpu", show_progress=False,
+                      allow_missing_folds=True)
+    runner = CliRunner()
+    result = runner.invoke(app, ["plot", "--predictions", str(out), "--genes", "GENE003", "--top", "1",
+                                 "--out", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    adata = anndata.read_h5ad(out)
+    most_varying = adata.var_names[int(np.argmax(np.asarray(adata.X).var(0)))]
+    written = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert written == sorted({"pred_GENE003.png", f"pred_{most_varying}.png"})
+    image = np.asarray(Image.open(tmp_path / "plots" / "pred_GENE003.png").convert("RGB"))
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50          # slide thumbnail, spots and colour bar
+    refused = runner.invoke(app, ["plot", "--predictions", str(out), "--fold", "0"])
+    assert isinstance(refused.exception, NH2STError) and "drop --fold" in str(refused.exception)
+    missing = runner.invoke(app, ["plot", "--predictions", str(tmp_path / "none.h5ad")])
+    assert "file not found" in str(missing.exception)

@@ -2,9 +2,11 @@
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from nh2st.errors import NH2STError
 from nh2st.expression import process_expression
 from nh2st.extract import SUMMARY_FILE, describe_store, run_extract
 from nh2st.neighbors import knn_index
-from nh2st.store import EmbeddingStore
+from nh2st.store import EmbeddingStore, SampleClaims
 
 torch.set_num_threads(2)
 
@@ -202,16 +204,23 @@ def test_sigkill_mid_sample_then_resume(hest_root, tmp_path):
     np.testing.assert_allclose(stored["features"].astype(np.float32), maps.astype(np.float32), rtol=1e-2, atol=2e-3)
 
 
-def test_second_extract_refuses_while_first_runs(hest_root, tmp_path):
+def test_second_extract_is_refused_at_once_while_first_runs(hest_root, tmp_path, monkeypatch):
     store_path = tmp_path / "zen.zarr"
+    run_extract("zen", data_root=hest_root, store_path=store_path, weights="random", samples=["ZEN42"],
+                device="cpu", progress=False)
     proc = _cli("extract", "--dataset", "zen", "--data-root", hest_root, "--store", store_path, "--weights",
                 "random", "--device", "cpu", "--samples", "ZEN41")
-    lock = store_path / ".lock"
-    _wait_for(lambda: lock.exists() and "pid" in lock.read_text(), proc)
+    claim = store_path / ".claims" / "ZEN41"
+    _wait_for(lambda: claim.exists() and "pid" in claim.read_text(), proc)
     try:
-        with pytest.raises(NH2STError, match=r"being written by pid \d+"):
-            run_extract("zen", data_root=hest_root, store_path=store_path, weights="random", samples=["ZEN41"],
-                        device="cpu", progress=False)
+        # refused before its encoder loads: the claim is tried first
+        monkeypatch.setattr("nh2st.extract.FrozenEncoder", lambda *a, **k: pytest.fail("encoder loaded"))
+        with pytest.raises(NH2STError, match=rf"ZEN41 is being written by pid {proc.pid} on "):
+            run_extract("zen", data_root=hest_root, store_path=store_path, weights="random",
+                        samples=["ZEN42", "ZEN41"], device="cpu", progress=False)
+        described = describe_store(store_path)
+        assert [(s["id"], s["writer"] is not None) for s in described["samples"]] == [("ZEN41", True),
+                                                                                       ("ZEN42", False)]
         assert proc.poll() is None  # the first one carries on
     finally:
         proc.kill()
@@ -236,3 +245,129 @@ def test_cli_info_and_errors(extracted, tmp_path):
     proc = _cli("info", tmp_path / "not-a-store")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "error:" in err and "not an nh2st store" in err
+
+
+# ---- several writers: claims, --gpus, a dask cluster ------------------------------------------------
+TINY = {"TINY1": (2, 4), "TINY2": (3, 6), "TINY3": (2, 3)}  # in tissue: 7, 17, 5 spots
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    for seed, (sid, (rows, per_row)) in enumerate(TINY.items()):
+        _write_sample(root, sid, rows, per_row, seed + 10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_root, tmp_path_factory) -> EmbeddingStore:
+    """The three tiny samples extracted by one process: what every other way must give."""
+    store = tmp_path_factory.mktemp("reference") / "zen.zarr"
+    run_extract("zen", data_root=tiny_root, store_path=store, weights="random", samples=list(TINY), device="cpu",
+                batch_size=4, progress=False)
+    return EmbeddingStore.open(store)
+
+
+def _assert_same_store(store_path, reference: EmbeddingStore):
+    store = EmbeddingStore.open(store_path)
+    assert store.meta == reference.meta and store.sample_ids() == reference.sample_ids() == list(TINY)
+    for sid in TINY:
+        got, want = store.read_sample(sid), reference.read_sample(sid)
+        for name in want:  # other processes, other thread counts: float16 maps agree to rounding
+            if name in ("features", "pooled"):
+                np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32),
+                                           rtol=1e-2, atol=2e-3)
+            else:
+                np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_sample_claimed_by_another_writer_is_left_to_it(tiny_root, tiny_reference, tmp_path):
+    store_path = tmp_path / "zen.zarr"
+    run_extract("zen", data_root=tiny_root, store_path=store_path, weights="random", samples=["TINY3"],
+                device="cpu", batch_size=4, progress=False)
+    with SampleClaims(store_path).try_claim("TINY1") as claim:  # a writer busy with TINY1
+        assert claim is not None
+        summary = run_extract("zen", data_root=tiny_root, store_path=store_path, weights="random",
+                              samples=list(TINY), device="cpu", batch_size=4, progress=False)
+    assert [(r["id"], r["status"]) for r in summary["samples"]] == [("TINY1", "claimed"), ("TINY2", "extracted"),
+                                                                    ("TINY3", "skipped")]
+    assert summary["samples"][0]["holder"].startswith(f"pid {os.getpid()} on ")
+    assert summary["n_claimed"] == 1 and not summary["up_to_date"]
+    assert EmbeddingStore.open(store_path).sample_ids() == ["TINY2", "TINY3"]
+    summary = run_extract("zen", data_root=tiny_root, store_path=store_path, weights="random",
+                          samples=list(TINY), device="cpu", batch_size=4, progress=False)
+    assert [r["status"] for r in summary["samples"]] == ["extracted", "skipped", "skipped"]
+    _assert_same_store(store_path, tiny_reference)
+
+
+def test_dask_cluster_of_two_workers_equals_one_process(tiny_root, tiny_reference, tmp_path):
+    from distributed import LocalCluster
+
+    store_path = tmp_path / "zen.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        summary = run_extract("zen", data_root=tiny_root, store_path=store_path, weights="random",
+                              samples=list(TINY), device="cpu", batch_size=4, progress=False,
+                              scheduler=cluster.scheduler_address)
+        assert [r["status"] for r in summary["samples"]] == ["extracted"] * 3
+        assert summary["scheduler"] == cluster.scheduler_address and summary["spots_extracted"] == 7 + 17 + 5
+        _assert_same_store(store_path, tiny_reference)
+        again = run_extract("zen", data_root=tiny_root, store_path=store_path, weights="random",
+                            samples=list(TINY), device="cpu", progress=False, scheduler=cluster.scheduler_address)
+        assert again["up_to_date"] and again["n_skipped"] == 3
+
+
+def test_gpus_one_encoder_per_device_and_a_worker_killed_mid_sample(tiny_root, tiny_reference, tmp_path):
+    """--gpus simulated with two CPU "devices": one dask worker process each. The worker writing
+    TINY2 is SIGKILLed half-way; dask reruns the task, which redoes TINY2."""
+    store_path = tmp_path / "zen.zarr"
+    group, claim = store_path / "samples" / "TINY2" / "zarr.json", store_path / ".claims" / "TINY2"
+    killed, stop = {}, threading.Event()
+
+    def kill_the_worker_writing_tiny2():
+        while not stop.is_set():
+            try:
+                complete = json.loads(group.read_text())["attributes"]["complete"]
+                holder = claim.read_text().split()
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.002)
+                continue
+            if not complete and holder[:1] == ["pid"]:
+                os.kill(int(holder[1]), signal.SIGKILL)
+                killed.update(pid=int(holder[1]), at=time.time())
+            return
+
+    killer = threading.Thread(target=kill_the_worker_writing_tiny2)
+    killer.start()
+    try:
+        summary = run_extract("zen", data_root=tiny_root, store_path=store_path, weights="random",
+                              samples=list(TINY), devices=["cpu", "cpu"], batch_size=2, progress=False)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed and killed["pid"] != os.getpid(), "TINY2 was complete before its worker could be killed"
+    assert [r["status"] for r in summary["samples"]] == ["extracted"] * 3 and summary["devices"] == ["cpu", "cpu"]
+    # written by the worker processes, not by this one
+    assert all(not r["writer"].startswith(f"pid {os.getpid()} ") for r in summary["samples"])
+    store = EmbeddingStore.open(store_path)
+    assert store.sample_info("TINY2")["started_at"] > killed["at"]  # redone after the kill
+    assert not any((store_path / ".trash").glob("*")) and not any((store_path / ".claims").iterdir())
+    _assert_same_store(store_path, tiny_reference)
+
+
+def test_cli_gpus_and_scheduler_flags(hest_root, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    base = ["extract", "--dataset", "zen", "--data-root", str(hest_root), "--store", str(tmp_path / "s.zarr"),
+            "--weights", "random", "--samples", "ZEN42"]
+    result = CliRunner().invoke(app, base + ["--gpus", "0", "1", "--scheduler", "tcp://127.0.0.1:8786"])
+    assert isinstance(result.exception, NH2STError) and "--gpus and --scheduler: pick one" in str(result.exception)
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(app, base + ["--gpus", "0", "1"])
+        assert isinstance(result.exception, NH2STError) and "cuda:0: no CUDA GPU" in str(result.exception)
+    monkeypatch.setattr("nh2st.extract.SCHEDULER_TIMEOUT", "1s")
+    result = CliRunner().invoke(app, base + ["--scheduler", "tcp://127.0.0.1:1"])
+    assert isinstance(result.exception, NH2STError)
+    assert "--scheduler tcp://127.0.0.1:1: cannot reach a dask scheduler" in str(result.exception)
+    assert not (tmp_path / "s.zarr").exists()

@@ -48,11 +48,17 @@ def test_gene_subset_in_list_order_and_missing_genes(tmp_path):
     chosen = genes[:20][::-3]
     sample = STNET.load_sample(tmp_path, "BC23209_C1", chosen)
     np.testing.assert_array_equal(sample.counts, expected.counts[:, [genes.index(g) for g in chosen]])
-    with pytest.raises(NH2STError, match=r"BC23209_C1_sub.parquet.*lacks 230 of the 250 genes"):
-        STNET.load_sample(tmp_path, "BC23209_C1")
-    with pytest.warns(UserWarning, match="230 genes missing"):
-        sample = STNET.load_sample(tmp_path, "BC23209_C1", allow_missing_genes=True)
-    assert sample.counts[:, 20:].sum() == 0 and len(sample.meta["missing_genes"]) == 230
+    # most of the list absent: the list does not fit, zero-filling is not offered
+    for allow in (False, True):
+        with pytest.raises(NH2STError, match=r"BC23209_C1_sub.parquet: sample BC23209_C1 has only 20 of the 250 genes "
+                                             r"of the list .*does not fit this data"):
+            STNET.load_sample(tmp_path, "BC23209_C1", allow_missing_genes=allow)
+    partly = genes[:20] + ["ABSENT1", "ABSENT2"]
+    with pytest.raises(NH2STError, match=r"lacks 2 of the 22 genes \(ABSENT1, ABSENT2\); pass --allow-missing-genes"):
+        STNET.load_sample(tmp_path, "BC23209_C1", partly)
+    with pytest.warns(UserWarning, match="2 genes missing"):
+        sample = STNET.load_sample(tmp_path, "BC23209_C1", partly, allow_missing_genes=True)
+    assert sample.counts[:, 20:].sum() == 0 and sample.meta["missing_genes"] == ["ABSENT1", "ABSENT2"]
     np.testing.assert_array_equal(sample.counts[:, :20], expected.counts)
 
 

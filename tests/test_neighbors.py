@@ -31,3 +31,22 @@ def test_knn_pads_with_self_when_fewer_spots_than_k():
 def test_knn_self_first_even_for_coincident_spots():
     idx = knn_index(np.array([[5.0, 5.0], [5.0, 5.0], [9.0, 9.0]]), k=2)
     assert idx[:, 0].tolist() == [0, 1, 2]
+
+
+def test_knn_breaks_ties_by_index_like_a_stable_sort():
+    rows, cols = np.divmod(np.arange(400), 20)  # a Visium hex grid: every spot has six equidistant neighbours
+    xy = np.stack([100.0 * (2 * cols + rows % 2), 173.2 * rows], 1)
+    idx = knn_index(xy, k=9, block=96)
+    d2 = ((xy[:, None] - xy[None]) ** 2).sum(-1)
+    d2[np.arange(len(xy)), np.arange(len(xy))] = -1.0
+    np.testing.assert_array_equal(idx, np.argsort(d2, axis=1, kind="stable")[:, :9])
+
+
+def test_knn_exact_when_ties_outnumber_the_candidates():
+    # the 32 lattice points with x^2 + y^2 = 1105 are all equally far from the first spot
+    ring = [(x, y) for x in range(-34, 35) for y in range(-34, 35) if x * x + y * y == 1105]
+    assert len(ring) == 32
+    xy = np.array([(0, 0)] + ring[::-1], dtype=float)
+    d2 = ((xy[:, None] - xy[None]) ** 2).sum(-1)
+    d2[np.arange(len(xy)), np.arange(len(xy))] = -1.0
+    np.testing.assert_array_equal(knn_index(xy, k=9), np.argsort(d2, axis=1, kind="stable")[:, :9])

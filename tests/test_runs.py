@@ -3,7 +3,6 @@ early stopping and the schedule do what the config says."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,9 +10,9 @@ from nh2st.errors import NH2STError
 from nh2st.evaluate import evaluate
 from nh2st.model import NH2ST
 from nh2st.runs import resolve_run
-from nh2st.training import FoldSpots, fit, train_fold, train_folds
+from nh2st.training import fit, train_fold, train_folds
 from nh2st.training import loop
-from test_training import SHAPE, build_store, small_config
+from test_training import SHAPE, build_store, small_config, tiny_spots
 
 torch.set_num_threads(2)
 
@@ -115,13 +114,7 @@ def test_config_that_disagrees_with_the_store_is_refused_before_writing(store_pa
 # ---- the loop's epoch-level rules, on scripted validation scores --------------------------------------------
 def scripted_fit(monkeypatch, tmp_path, values: dict, *overrides, select="val"):
     """fit() on a tiny fold whose validation scores follow `values` (lists per metric)."""
-    rng = np.random.default_rng(0)
-    n = 30
-    arrays = {"features": rng.normal(size=(n, *SHAPE)).astype(np.float16),
-              "targets": rng.random((n, 5)).astype(np.float32),
-              "neighbors": np.stack([(np.arange(n) // 10) * 10 + (np.arange(n) + j) % 10 for j in range(4)], 1),
-              "sample_index": np.repeat(np.arange(3), 10).astype(np.int32)}
-    spots = FoldSpots.from_arrays(arrays, {"train": ["a"], "val": ["b"], "test": ["c"]})
+    spots = tiny_spots(10)
     epoch = {"n": 0}
 
     def score(*args, **kwargs):
@@ -129,7 +122,7 @@ def scripted_fit(monkeypatch, tmp_path, values: dict, *overrides, select="val"):
         epoch["n"] += 1
         return {"mse": values.get("loss", [1.0] * 99)[i], "R": values.get("R", [0.0] * 99)[i],
                 "pcc_mean": values.get("pcc", [0.0] * 99)[i]}
-    monkeypatch.setattr(loop.metrics, "score", score)
+    monkeypatch.setattr(loop, "validation_scores", score)
     cfg = small_config(*overrides)
     model = NH2ST.from_config(cfg.MODEL, 5, SHAPE)
     return fit(model, spots, cfg, tmp_path, [f"g{i}" for i in range(5)], select, show_progress=False)
@@ -171,3 +164,17 @@ def test_a_failing_fold_worker_is_reported_and_the_others_finish(store_path, tmp
         train_folds(store_path, [0, 1], small_config("TRAINING.num_epochs=1"), tmp_path, devices=["cpu", "cpu"],
                     show_progress=False)
     assert read(tmp_path / "synth" / "fold-0" / "run.json")["status"] == "finished"
+
+
+def test_the_fold_scheme_reaches_training(store_path, tmp_path):
+    """DATASET.fold_scheme (or --split) decides the folds training uses, and run.json records it."""
+    patients = {"DEMO1": "p1", "DEMO2": "p1", "DEMO3": "p2", "DEMO4": "p2", "DEMO5": "p3", "DEMO6": "p3"}
+    cfg = small_config("TRAINING.num_epochs=1", "DATASET.fold_scheme=patient")
+    results = train_folds(store_path, "all", cfg, tmp_path, model_kind="ridge", patients=patients, show_progress=False)
+    tested = sorted(tuple(r["test_samples"]) for r in results)
+    assert tested == [("DEMO1", "DEMO2"), ("DEMO3", "DEMO4"), ("DEMO5", "DEMO6")]     # one patient out, whole
+    info = read(tmp_path / "synth" / "baselines" / "ridge" / "fold-0" / "run.json")
+    assert info["split"] == "patient" and info["n_folds"] == 3
+    loo = train_folds(store_path, [4], small_config("TRAINING.num_epochs=1"), tmp_path / "loo", model_kind="mean",
+                      split="loo", show_progress=False)
+    assert loo[0]["test_samples"] == ["DEMO5"] and loo[0]["split"] == "loo"

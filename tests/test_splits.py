@@ -183,3 +183,117 @@ def test_cli_data_root_uses_found_samples_and_reports_missing(tmp_path):
 def test_cli_errors_are_nh2st_errors():
     result = CliRunner().invoke(app, ["splits", "--dataset", "mouse", "--split", "patient"])
     assert result.exit_code != 0 and isinstance(result.exception, NH2STError)
+
+
+# ---- folds for any dataset -------------------------------------------------------------------------------
+OWN = ["S05", "S01", "S03", "S02", "S04", "S06", "S07"]
+
+
+def test_kfold_over_samples_is_seeded_and_partitions():
+    from sklearn.model_selection import KFold
+
+    fold_list = folds("visium", OWN, "kfold:3")
+    check_partition(fold_list, OWN)
+    ids = sorted(OWN)
+    expected = [sorted(ids[i] for i in test) for _, test in KFold(3, shuffle=True, random_state=42).split(ids)]
+    assert [f.test for f in fold_list] == expected
+    assert folds("visium", OWN, "kfold:3") == fold_list                       # same seed, same folds
+    assert [f.test for f in folds("visium", OWN, "kfold:3", seed=7)] != expected
+    assert [f.test for f in folds("visium", list(reversed(OWN)), "kfold:3")] == expected   # input order does not matter
+    with pytest.raises(NH2STError, match="7 samples cannot make 8 folds"):
+        folds("visium", OWN, "kfold:8")
+    for bad in ("kfold:1", "kfold:x", "kfold"):
+        with pytest.raises(NH2STError):
+            folds("visium", OWN, bad)
+
+
+def test_leave_one_out_and_paper_split_of_own_data():
+    fold_list = folds("hest", OWN, "loo")
+    assert [f.test for f in fold_list] == [[s] for s in sorted(OWN)] and len(fold_list[0].train) == 6
+    check_partition(fold_list, OWN)
+    with pytest.raises(NH2STError, match="visium has no paper folds; choose --split kfold:K, loo or patient"):
+        folds("visium", OWN)
+    with pytest.raises(NH2STError, match="visium has no known sample list"):
+        folds("visium", None, "loo")
+    with pytest.raises(NH2STError, match=r"--split 'stratified' is unknown; choose one of: paper, patient, patient:K"):
+        folds("visium", OWN, "stratified")
+
+
+def test_patient_splits_keep_each_patient_on_one_side():
+    patients = {"S01": "B", "S02": "B", "S03": "A", "S04": "C", "S05": "C", "S06": "C", "S07": "D"}
+    lopo = folds("visium", OWN, "patient", patients=patients)
+    assert [f.test for f in lopo] == [["S03"], ["S01", "S02"], ["S04", "S05", "S06"], ["S07"]]   # A, B, C, D
+    check_partition(lopo, OWN)
+    balanced = folds("visium", OWN, "patient:2", patients=patients)
+    # C (3 slides) -> fold 0, B (2) -> fold 1, A (1) -> fold 1, D (1) -> fold 0 (fewest slides, lowest index)
+    assert [f.test for f in balanced] == [["S04", "S05", "S06", "S07"], ["S01", "S02", "S03"]]
+    for f in balanced + lopo:
+        assert not {patients[s] for s in f.train} & {patients[s] for s in f.test}
+    with pytest.raises(NH2STError, match=r"patients.csv has no patient for sample\(s\) S07; add a line"):
+        folds("visium", OWN, "patient", patients={k: v for k, v in patients.items() if k != "S07"},
+              patients_source="patients.csv")
+    with pytest.raises(NH2STError, match="--split patient:5: only 4 patients"):
+        folds("visium", OWN, "patient:5", patients=patients)
+    with pytest.raises(NH2STError, match="needs each sample's patient: pass --patients CSV"):
+        folds("visium", OWN, "patient")
+    with pytest.raises(NH2STError, match="belong to one patient"):
+        folds("visium", OWN, "patient", patients=dict.fromkeys(OWN, "P"))
+    # the paper's datasets: `patient` keeps their scheme unless patients are given; generic splits work on them too
+    assert len(folds("zen", split="patient")) == 3
+    from nh2st.splits import ZEN_PATIENTS
+    assert len(folds("zen", split="patient", patients=ZEN_PATIENTS)) == 7         # explicit patients: one out each
+    assert [f.test for f in folds("zen", split="patient:3")] == [f.test for f in folds("zen", split="patient")]
+    check_partition(quiet_folds("stnet", split="patient:4"), known_samples("stnet"))
+    for f in folds("stnet", split="patient:4"):
+        assert not {s.split("_")[0] for s in f.train} & {s.split("_")[0] for s in f.test}
+
+
+def test_patients_csv(tmp_path):
+    from nh2st.splits import read_patients
+
+    path = tmp_path / "patients.csv"
+    path.write_text("Sample,Patient,notes\nS01,P1,x\nS02,P1,\nS03, P2 ,y\nS01,P1,again\n")
+    assert read_patients(path) == {"S01": "P1", "S02": "P1", "S03": "P2"}
+    path.write_text("sample_id\tdonor\nA\td1\nB\td2\n")                       # tab-separated works too
+    assert read_patients(path) == {"A": "d1", "B": "d2"}
+    path.write_text("slide,who\nA,1\n")
+    with pytest.raises(NH2STError, match=r"patients.csv: needs a header with a sample column .* found: slide, who"):
+        read_patients(path)
+    path.write_text("sample,patient\nA,1\nA,2\n")
+    with pytest.raises(NH2STError, match="sample A is given two patients"):
+        read_patients(path)
+    path.write_text("sample,patient\nA,\n")
+    with pytest.raises(NH2STError, match="line 2 has an empty sample or patient"):
+        read_patients(path)
+    with pytest.raises(NH2STError, match="file not found"):
+        read_patients(tmp_path / "nope.csv")
+
+
+def test_cli_patient_split_from_a_csv_and_from_a_store(tmp_path):
+    from nh2st.store import EmbeddingStore, StoreMeta
+
+    csv = tmp_path / "patients.csv"
+    csv.write_text("sample,patient\nS01,B\nS02,B\nS03,A\n")
+    result = CliRunner().invoke(app, ["splits", "-d", "visium", "--samples", "S01", "S02", "S03", "--split", "patient",
+                                      "--patients", str(csv), "--json"])
+    assert result.exit_code == 0, result.output
+    assert {k: v["test"] for k, v in json.loads(result.stdout).items()} == {"0": ["S03"], "1": ["S01", "S02"]}
+    csv.write_text("sample,patient\nS01,B\nS02,B\n")
+    result = CliRunner().invoke(app, ["splits", "-d", "visium", "--samples", "S01,S02,S03", "--split", "patient",
+                                      "--patients", str(csv)])
+    assert isinstance(result.exception, NH2STError) and "has no patient for sample(s) S03" in str(result.exception)
+
+    # a store: the dataset, its samples and the patients its reader recorded in each sample's info
+    meta = StoreMeta(dataset="hest", genes=["G"], backbone="b", weights="w", weights_sha256="0" * 64)
+    with EmbeddingStore.open_for_writing(tmp_path / "s.zarr", meta) as store:
+        from store_fixtures import write_spots
+        import numpy as np
+        for sample_id, patient in (("T1", "P1"), ("T2", "P2"), ("T3", "P1")):
+            write_spots(store, sample_id, np.zeros((3, 512, 7, 7)), np.ones((3, 1), np.float32),
+                        np.array([[0, 0], [1, 1], [2, 0]]), np.array([[0.0, 0], [9, 9], [20, 0]]))
+            store.root["samples"][sample_id].attrs["meta"] = {"patient": patient}
+    result = CliRunner().invoke(app, ["splits", "--store", str(tmp_path / "s.zarr"), "--split", "patient", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {k: v["test"] for k, v in json.loads(result.stdout).items()} == {"0": ["T1", "T3"], "1": ["T2"]}
+    result = CliRunner().invoke(app, ["splits", "--store", str(tmp_path / "s.zarr"), "--split", "kfold:3", "--json"])
+    assert sorted(t for v in json.loads(result.stdout).values() for t in v["test"]) == ["T1", "T2", "T3"]

@@ -156,14 +156,21 @@ def test_interrupt_while_saving_keeps_the_finished_fold(store_path, tmp_path, mo
     assert sorted(p.name for p in partial.iterdir() if p.name.startswith(".")) == []   # no temp files left
 
 
-def test_fit_runs_on_tensors_without_a_store(tmp_path):
+def tiny_spots(per_sample: int = 20, n_genes: int = 5) -> FoldSpots:
+    """Three samples a, b, c (train, val, test) of random maps, each spot's 4 neighbours within its sample."""
     rng = np.random.default_rng(0)
-    n = 60
+    n = 3 * per_sample
+    within = np.arange(n) // per_sample * per_sample
     arrays = {"features": rng.normal(size=(n, *SHAPE)).astype(np.float16),
-              "targets": rng.random((n, 5)).astype(np.float32),
-              "neighbors": np.stack([(np.arange(n) // 20) * 20 + (np.arange(n) + j) % 20 for j in range(4)], 1),
-              "sample_index": np.repeat(np.arange(3), 20).astype(np.int32)}
-    spots = FoldSpots.from_arrays(arrays, {"train": ["a"], "val": ["b"], "test": ["c"]})
+              "targets": rng.random((n, n_genes)).astype(np.float32),
+              "neighbors": np.stack([within + (np.arange(n) + j) % per_sample for j in range(4)], 1),
+              "sample_index": np.repeat(np.arange(3), per_sample).astype(np.int32)}
+    return FoldSpots.from_arrays(arrays, {"train": ["a"], "val": ["b"], "test": ["c"]})
+
+
+def test_fit_runs_on_tensors_without_a_store(tmp_path):
+    n = 60
+    spots = tiny_spots(20)
     assert [len(spots.split[s]) for s in ("train", "val", "test")] == [20, 20, 20]
     assert spots.operator.shape == (n, 4, 4) and torch.allclose(spots.operator.sum(-1), torch.ones(n, 4))
     from nh2st.model import NH2ST

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from nh2st.errors import NH2STError
-from nh2st.slide import Slide
+from nh2st.slide import Slide, at_paper_resolution
 
 
 @dataclass
@@ -91,3 +91,20 @@ def check_inside(slide, pixel_xy: np.ndarray, image: Path, spot_path: Path) -> N
         raise NH2STError(f"{image}: image is {slide.width}x{slide.height} px but {int(outside.sum())} spot centre(s) "
                          f"of {spot_path.name} lie outside it (up to x={reach[0]:.0f}, y={reach[1]:.0f}); "
                          "use the full-resolution image the spot coordinates were made for")
+
+
+def patch_rule(spec, slide: Slide, mpp: float | None = None) -> tuple[Slide, dict]:
+    """(slide to crop, the field-of-view rule as recorded in the store's sample info).
+
+    The paper's datasets are cropped at native resolution, as the paper does; the user's own
+    (visium, hest) crop the paper's 112 µm field (nh2st.slide.at_paper_resolution). `mpp`
+    overrides the slide's own µm per pixel. The slide is closed if the rule cannot be applied.
+    """
+    if spec.paper:
+        used = mpp or slide.mpp
+        return slide, {"rule": "native", "slide_mpp": used, "reason": "a paper dataset, cropped as in the paper"}
+    try:
+        return at_paper_resolution(slide, mpp)
+    except NH2STError:
+        slide.close()
+        raise

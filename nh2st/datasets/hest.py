@@ -10,7 +10,11 @@ The patch centre is (pxl_col_in_fullres, pxl_row_in_fullres) = (x, y), the true 
 paper's code swaps the two (datasets.md §8.1); nh2st does not. Grid ids are (array_col, array_row),
 as the paper's "<array_col>x<array_row>" spot id, so the 3x3 smoothing stencil finds the same
 neighbours as the paper on the Visium hex grid. Only spots with in_tissue == 1 are kept when the
-column exists.
+column exists. The HEST metadata's `patient` goes to `Sample.meta["patient"]` (folds by patient).
+
+`--dataset hest` takes any ids present in st/ (all of them by default) and crops the paper's field
+of view (nh2st.slide.at_paper_resolution, µm/px from --mpp, else HEST's pixel_size_um_estimated,
+else the TIFF's tags); zen and int crop natively, as the paper does.
 """
 
 import json
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nh2st.datasets.base import Sample
+from nh2st.datasets.base import Sample, patch_rule
 from nh2st.errors import NH2STError
 from nh2st.expression import select_genes, take_genes
 from nh2st.slide import open_slide
@@ -45,6 +49,12 @@ def find_samples(spec, root: Path) -> list[str]:
     if not folder.is_dir():
         raise NH2STError(f"{folder}: folder not found; --data-root must be the HEST-1k download "
                          "holding st/ and wsis/")
+    if not spec.paper:  # any HEST id: everything downloaded
+        present = sorted(p.name[:-len(".h5ad")] for p in folder.glob("*.h5ad") if p.is_file())
+        if not present:
+            raise NH2STError(f"{folder}: no <id>.h5ad there; download HEST-1k samples (see README, "
+                             "'Your own data') or point --data-root at the download")
+        return present
     known = spec.known_samples()
     present = [sid for sid in known if (folder / f"{sid}.h5ad").is_file()]
     if not present:
@@ -78,21 +88,36 @@ def _numeric(column) -> np.ndarray:
     return pd.to_numeric(pd.Series(np.asarray(column, dtype=object)), errors="coerce").to_numpy(np.float64)
 
 
-def _mpp(meta: dict, slide) -> float | None:
+def _metadata_mpp(meta: dict) -> float | None:
     value = meta.get("pixel_size_um_estimated")
     if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
         return float(value)
-    return slide.mpp
+    return None
+
+
+def _require_files(paths: dict, sample_id: str, kinds=("st", "wsi")) -> None:
+    for kind in kinds:
+        if not paths[kind].is_file():
+            what = "expression (h5ad)" if kind == "st" else "whole-slide image"
+            raise NH2STError(f"{paths[kind]}: not found; sample {sample_id} needs its {what} at "
+                             f"{paths[kind].parent}/{paths[kind].name}; download it or drop the sample")
+
+
+def read_gene_table(spec, root: Path, sample_id: str):
+    """(every gene name, raw counts of the in-tissue spots) of one sample, for --genes hvg/heg."""
+    paths = sample_paths(root, sample_id)
+    _require_files(paths, sample_id, ("st",))
+    adata = _read_h5ad(paths["st"])
+    X = adata.X
+    if "in_tissue" in adata.obs.columns:
+        X = X[_numeric(adata.obs["in_tissue"]) == 1]
+    return list(map(str, adata.var_names)), X
 
 
 def load_sample(spec, root: Path, sample_id: str, genes: list[str], allow_missing_genes: bool = False) -> Sample:
     """One HEST sample (any id present on disk) as a Sample, spots with in_tissue == 1 only."""
     paths = sample_paths(root, sample_id)
-    for kind in ("st", "wsi"):
-        if not paths[kind].is_file():
-            what = "expression (h5ad)" if kind == "st" else "whole-slide image"
-            raise NH2STError(f"{paths[kind]}: not found; sample {sample_id} needs its {what} at "
-                             f"{paths[kind].parent}/{paths[kind].name}; download it or drop the sample")
+    _require_files(paths, sample_id)
     source = str(paths["st"])
     adata = _read_h5ad(paths["st"])
     obs = adata.obs
@@ -125,6 +150,10 @@ def load_sample(spec, root: Path, sample_id: str, genes: list[str], allow_missin
 
     meta = read_metadata(paths["metadata"]) if paths["metadata"].is_file() else {}
     slide = open_slide(paths["wsi"])
+    mpp = spec.options.get("mpp") or _metadata_mpp(meta)
+    slide, patch = patch_rule(spec, slide, mpp)
+    if "mpp" not in spec.options and _metadata_mpp(meta):
+        patch["mpp_from"] = f"{paths['metadata'].name} pixel_size_um_estimated"
     outside = ((pixel_xy < 0) | (pixel_xy >= (slide.width, slide.height))).any(axis=1)
     if outside.any():
         warnings.warn(f"{paths['wsi']}: {int(outside.sum())} of {len(rows)} spot centres of sample {sample_id} "
@@ -132,7 +161,8 @@ def load_sample(spec, root: Path, sample_id: str, genes: list[str], allow_missin
                       stacklevel=2)
     return Sample(id=sample_id, slide=slide, pixel_xy=pixel_xy, grid_xy=grid_xy.astype(np.int64),
                   barcodes=barcodes[rows], counts=counts, genes=list(genes), source=source,
-                  meta={"dataset": spec.name, "st": source, "wsi": str(paths["wsi"]), "mpp": _mpp(meta, slide),
+                  meta={"dataset": spec.name, "st": source, "wsi": str(paths["wsi"]), "mpp": mpp or slide.mpp,
+                        "patient": meta.get("patient"), "patch": patch,
                         "magnification": meta.get("magnification"), "spots_in_file": int(adata.n_obs),
                         "spots_off_tissue_dropped": int(adata.n_obs - len(rows)), "missing_genes": missing,
                         "hest_metadata": meta})

@@ -120,6 +120,18 @@ def _read_counts(path: Path, genes: list[str], sample_id: str, allow_missing_gen
     return np.asarray(ids), counts, missing
 
 
+def read_gene_table(spec, root: Path, sample_id: str):
+    """(every gene column, raw counts of every spot of the counts file) of one section, for --genes hvg/heg."""
+    path = resolve_root(spec, Path(root)) / "ST-cnts" / f"{sample_id}{COUNTS_SUFFIX}"
+    if not path.is_file():
+        raise NH2STError(f"{path}: not found; every sample of ST-spotfiles/ needs its counts in ST-cnts/")
+    try:
+        names = list(dict.fromkeys(c for c in pq.read_schema(path).names if not c.startswith("__index_level")))
+    except Exception as exc:  # pyarrow raises several types for a damaged or non-parquet file
+        raise NH2STError(f"{path}: not a readable parquet file ({exc.__class__.__name__}); re-download it") from None
+    return names, _read_counts(path, names, sample_id, False)[1]
+
+
 def load_sample(spec, root: Path, sample_id: str, genes: list[str], allow_missing_genes: bool = False) -> Sample:
     """One STNet/Skin section: spots of the selection file that have counts, in (y, x) order."""
     root = resolve_root(spec, Path(root))
@@ -152,5 +164,6 @@ def load_sample(spec, root: Path, sample_id: str, genes: list[str], allow_missin
                   grid_xy=spots[["x", "y"]].to_numpy(), barcodes=spots.index.to_numpy(), counts=counts,
                   genes=list(genes), source=str(spot_path),
                   meta={"dataset": spec.name, "image": str(image), "counts_file": str(counts_path),
+                        "patient": sample_id.split("_")[0],   # <patient>_<section> / <patient>_ST_rep<r>
                         "mpp": slide.mpp, "dropped_spots_without_counts": dropped,
                         "counts_without_spot": int(len(spot_ids) - len(spots)), "missing_genes": missing})

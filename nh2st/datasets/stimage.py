@@ -137,6 +137,19 @@ def _read_counts(path: Path, genes: list[str], sample_id: str, allow_missing_gen
     return raw_ids, counts, missing
 
 
+def read_gene_table(spec, root: Path, sample_id: str):
+    """(every gene column, raw counts of every spot of the count csv) of one slide, for --genes hvg/heg."""
+    path = resolve_root(Path(root)) / "gene_exp" / f"{sample_id}{COUNT_SUFFIX}"
+    if not path.is_file():
+        raise NH2STError(f"{path}: not found; every slide of coord/ needs its counts in gene_exp/")
+    try:
+        with open(path, newline="") as handle:
+            names = list(dict.fromkeys(next(csv.reader(handle))[1:]))
+    except (OSError, StopIteration, UnicodeDecodeError, csv.Error) as exc:
+        raise NH2STError(f"{path}: not a readable count csv ({exc.__class__.__name__}); re-download it") from None
+    return names, _read_counts(path, names, sample_id, False)[1]
+
+
 def load_sample(spec, root: Path, sample_id: str, genes: list[str], allow_missing_genes: bool = False) -> Sample:
     """One STimage-1K4M slide: spots of the coord file that have counts, in (y, x) order."""
     base = resolve_root(Path(root))

@@ -83,6 +83,15 @@ class NH2ST(nn.Module):
         self.feature_mean.copy_(mean.view(-1, 1, 1))
         self.feature_std.copy_(std.view(-1, 1, 1))
 
+    @torch.no_grad()
+    def init_output_bias(self, mean: torch.Tensor) -> None:
+        """Start the decoder's output bias at the training targets' per-gene mean (G,) (MODEL.decoder_bias_init=mean).
+
+        The decoder is linear, so its first prediction is the mean plus a zero-mean term of the
+        random initial weights: the regression starts at the level of the data instead of at ~0.
+        """
+        self.decoder[-1].bias.copy_(mean.to(self.decoder[-1].bias))
+
     @property
     def neighbors_at_inference(self) -> bool:
         """Whether a prediction needs the neighbours' maps (else the target's map alone suffices)."""

@@ -13,7 +13,7 @@ from nh2st.config import Config
 from nh2st.errors import NH2STError
 from nh2st.model.hypergraph import neighborhood_operators
 from nh2st.predictor import feature_dtype
-from nh2st.splits import Fold, folds as dataset_folds
+from nh2st.splits import KNOWN_SAMPLES, Fold, folds as dataset_folds, patients_from_store
 from nh2st.store import EmbeddingStore, load_spots
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -66,23 +66,13 @@ class FoldSpots:
         return cls.from_arrays(arrays, split_ids, device, hyperedge_k)
 
 
-def store_patients(store: EmbeddingStore) -> dict[str, str] | None:
-    """{sample: patient} as the readers recorded it at extraction, None when any sample lacks one."""
-    patients = {}
-    for sample_id in store.sample_ids():
-        patient = (store.sample_info(sample_id).get("meta") or {}).get("patient")
-        if patient in (None, ""):
-            return None
-        patients[sample_id] = str(patient)
-    return patients
-
-
 def store_folds(store: EmbeddingStore, split: str = "paper", patients: dict[str, str] | None = None) -> list[Fold]:
-    """The folds of `split` over the store's complete samples (patients: sample -> patient for 'patient')."""
-    if split == "patient" and patients is None:
-        patients = store_patients(store)
-    kwargs = {"patients": patients} if patients is not None else {}
-    return dataset_folds(store.meta.dataset, store.sample_ids(), split, **kwargs)
+    """The folds of `split` over the store's complete samples (patients: sample -> patient for the
+    patient splits; default: the paper's datasets' known patients, for other stores what the readers
+    recorded at extraction)."""
+    if split.startswith("patient") and patients is None and store.meta.dataset not in KNOWN_SAMPLES:
+        patients = patients_from_store(store) or None
+    return dataset_folds(store.meta.dataset, store.sample_ids(), split, patients=patients)
 
 
 def carve_validation(train_ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

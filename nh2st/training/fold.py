@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nh2st import __version__, metrics
+from nh2st import __version__, metrics, now
 from nh2st.baselines import fit_baseline, pool
 from nh2st.config import Config, save_config
 from nh2st.devices import resolve_device
@@ -23,8 +23,8 @@ from nh2st.errors import NH2STError
 from nh2st.model import NH2ST
 from nh2st.predictor import Predictor
 from nh2st.runs import (CHECKPOINT, CONFIG, LOG_JSON, METRICS, MODEL_KINDS, PROTOCOLS, RunInfo, begin_partial,
-                        fold_path, now, partial_path, plan_fold, promote, read_info, read_json, run_root,
-                        save_checkpoint, write_info, write_json)
+                        fold_path, partial_path, plan_fold, promote, read_info, read_json, run_root, save_checkpoint,
+                        write_info, write_json)
 from nh2st.store import EmbeddingStore
 from nh2st.training.data import FoldSpots, fold_split_ids, store_folds
 from nh2st.training.loop import checkpoint_state, fit, rank_world, write_log

@@ -6,6 +6,12 @@ improved for `patience` epochs. The best model goes to checkpoint.pt whenever it
 whole training state (model, optimizer, scheduler, RNG, history) goes to last.pt at most once per
 `save_every_s` seconds and at the last epoch, so `resume=True` continues an interrupted fold
 exactly where that state was taken.
+
+The recipe keys (nh2st.config, all off in paper mode): TRAINING.weight_decay (never on biases or
+norm weights, so a decoder bias started at the training mean is not pulled to 0);
+TRAINING.lr_scheduler name/warmup_epochs (paper: StepLR once per epoch; with a warm-up or the
+cosine schedule the learning rate is set before every optimizer step); the selection rule
+(`Selection`: monitor, min_delta, MSE tie-break); MODEL.decoder_bias_init=mean.
 """
 
 import math
@@ -59,16 +65,80 @@ def write_log(run_dir: Path, history: list[dict]) -> None:
 
 def make_optimizer(model: torch.nn.Module, training) -> torch.optim.Optimizer:
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[training.optimizer]
+    params = model.parameters()
+    if training.weight_decay > 0:
+        # matrices decay; biases and LayerNorm weights (1-D) do not
+        matrices = [p for p in model.parameters() if p.ndim >= 2]
+        vectors = [p for p in model.parameters() if p.ndim < 2]
+        params = [{"params": matrices, "weight_decay": training.weight_decay},
+                  {"params": vectors, "weight_decay": 0.0}]
     # fused: one kernel over all parameters; on CPU ~7x faster than the per-tensor loop for these 38 M weights
-    return optimizer(model.parameters(), lr=training.learning_rate, fused=True)
+    return optimizer(params, lr=training.learning_rate, fused=True)
 
 
-def better(value: float | None, best: float | None, mode: str) -> bool:
-    if best is None:
-        return True
-    if value is None or not math.isfinite(value):
+def lr_factor(step: int, schedule, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of TRAINING.learning_rate.
+
+    Linear warm-up over warmup_epochs (the first step already moves, at 1/warm-up steps), then
+    StepLR's gamma ** (epoch // step_size) or a cosine from 1 down to min_lr_ratio at the last step.
+    """
+    warmup = round(schedule.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule.name == "step":
+        return schedule.gamma ** ((step // steps_per_epoch) // schedule.step_size)
+    span = max(1, total_steps - warmup - 1)
+    progress = min(1.0, (step - warmup) / span)
+    return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer, training, steps_per_epoch: int) -> tuple[object, bool]:
+    """(scheduler, per_step). Paper mode: StepLR stepped once per epoch, as released; anything else per step."""
+    schedule = training.lr_scheduler
+    if schedule.name == "step" and schedule.warmup_epochs == 0:
+        return torch.optim.lr_scheduler.StepLR(optimizer, schedule.step_size, schedule.gamma), False
+    total = training.num_epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, schedule, steps_per_epoch, total)), True
+
+
+class Selection:
+    """Which epoch's weights to keep, from its validation scores; the rule of TRAINING.early_stopping.
+
+    An epoch replaces the selected one when its monitored value is better by more than min_delta,
+    or (tie_break "mse") when it is within min_delta of the best value seen so far and its
+    validation MSE is lower. So with monitor pcc, min_delta 0.005, tie_break mse: the lowest-MSE
+    epoch among those whose PCC is within 0.005 of the best PCC, as far as training has seen.
+    With min_delta 0 and no tie-break this is plain "best monitored value" (the paper's rule).
+    """
+
+    def __init__(self, mode: str, min_delta: float = 0.0, tie_break: str = "none", state: dict | None = None):
+        self.mode, self.min_delta, self.tie_break = mode, min_delta, tie_break
+        state = state or {}
+        self.value, self.mse, self.peak = state.get("value"), state.get("mse"), state.get("peak")
+
+    def _gain(self, value: float, reference: float) -> float:
+        return value - reference if self.mode == "max" else reference - value
+
+    def offer(self, value: float | None, mse: float | None = None) -> bool:
+        """Whether an epoch with these scores becomes the selected one (and it is recorded if so)."""
+        if value is None or not math.isfinite(value):
+            return self.value is None and self._take(value, mse)
+        if self.peak is None or self._gain(value, self.peak) > 0:
+            self.peak = value
+        if self.value is None or not math.isfinite(self.value) or self._gain(value, self.value) > self.min_delta:
+            return self._take(value, mse)
+        if (self.tie_break == "mse" and mse is not None and self._gain(value, self.peak) >= -self.min_delta
+                and (self.mse is None or mse < self.mse)):
+            return self._take(value, mse)
         return False
-    return value > best if mode == "max" else value < best
+
+    def _take(self, value, mse) -> bool:
+        self.value, self.mse = value, mse
+        return True
+
+    def state(self) -> dict:
+        return {"value": self.value, "mse": self.mse, "peak": self.peak}
 
 
 def shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -106,16 +176,19 @@ def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(model, t)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_scheduler.step_size, t.lr_scheduler.gamma)
-    monitor, natural = MONITORS[t.early_stopping.monitor]
-    mode = natural if t.early_stopping.mode == "auto" else t.early_stopping.mode     # validated to agree
     train_rows = spots.split["train"]
     if len(train_rows) == 0:
         raise NH2STError(f"{run_dir}: the fold has no training spots")
+    if cfg.MODEL.decoder_bias_init == "mean":
+        model.init_output_bias(spots.targets[train_rows].mean(0))
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / t.batch_size)
+    optimizer = make_optimizer(model, t)
+    scheduler, per_step = make_scheduler(optimizer, t, steps_per_epoch)
+    monitor, natural = MONITORS[t.early_stopping.monitor]
+    mode = natural if t.early_stopping.mode == "auto" else t.early_stopping.mode     # validated to agree
+    selection = Selection(mode, t.early_stopping.min_delta, t.early_stopping.tie_break)
     hvg = metrics.hvg_indices(spots.targets[train_rows].cpu().numpy())
     predictor = Predictor("nh2st", genes, cfg, model.feature_shape, model=model, device=device)
-    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / t.batch_size)
     history, best, best_epoch, best_state, stale, start, stopped = [], None, -1, None, 0, 0, False
 
     if resume and (run_dir / LAST).is_file():
@@ -125,6 +198,8 @@ def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[
         scheduler.load_state_dict(last["scheduler"])
         torch.set_rng_state(last["rng"])
         history, best, best_epoch, stale = last["history"], last["best"], last["best_epoch"], last["stale"]
+        selection = Selection(mode, t.early_stopping.min_delta, t.early_stopping.tie_break,
+                              last.get("selection", {"value": best}))
         stopped = last["stopped"]
         if device.type == "cuda" and last.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(last["cuda_rng"], device)
@@ -146,9 +221,16 @@ def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[
             model.train()
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.GENERAL.seed + epoch))
             rows = train_rows[shard(order, rank, world).to(device)]
+            def on_step():
+                if per_step:
+                    scheduler.step()
+                if progress:
+                    progress.advance(task)
+
             loss_sum, n_steps = train_epoch(net, spots, rows, optimizer, cfg,
-                                            (lambda: progress.advance(task)) if progress else None, stepper)
-            scheduler.step()
+                                            on_step if per_step or progress else None, stepper)
+            if not per_step:
+                scheduler.step()
             if world > 1:
                 dist.all_reduce(loss_sum)
                 loss_sum /= world
@@ -163,7 +245,7 @@ def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[
             history.append(row)
 
             value = row.get(monitor) if select is not None else epoch
-            if select is None or better(value, best, mode):
+            if select is None or selection.offer(value, row.get("val_loss")):
                 best, best_epoch, stale = value, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if rank == 0:
@@ -182,7 +264,7 @@ def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[
                         "rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                         "epoch": epoch, "history": history, "best": best, "best_epoch": best_epoch,
-                        "stale": stale, "stopped": stopping})
+                        "stale": stale, "stopped": stopping, "selection": selection.state()})
                     last_saved = time.monotonic()
             if progress:
                 shown = f"val R {row['val_R']:.3f}" if row.get("val_R") is not None else ""

@@ -11,7 +11,6 @@ each rank scores a fixed set of evaluation chunks and the predictions are gather
 `spawn_ddp` does what torchrun does without a launcher, for tests and CPU machines.
 """
 
-import os
 import queue as queue_module
 import tempfile
 from contextlib import nullcontext
@@ -24,6 +23,7 @@ import torch.multiprocessing as mp
 
 from nh2st.config import Config
 from nh2st.devices import resolve_device
+from nh2st.devices import cpu_count
 from nh2st.errors import NH2STError
 from nh2st.progress import make_progress
 from nh2st.runs import plan_fold, run_root
@@ -32,11 +32,6 @@ from nh2st.training.fold import check_choices, check_config_fits_store, open_sto
 
 CUDA_PROCESS_BYTES = 1 << 30    # a process's CUDA context, cuBLAS workspaces and allocator slack
 MEMORY_SHARE = 0.9              # of a device's free memory that fold slots may plan to use
-
-
-def cpu_count() -> int:
-    """Cores this process may use (the affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_folds(store, folds, split: str = "paper", patients: dict | None = None) -> list[int]:

@@ -22,8 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nh2st.config import Config
-from nh2st.devices import resolve_device
-from nh2st.devices import cpu_count
+from nh2st.devices import cpu_count, resolve_device
 from nh2st.errors import NH2STError
 from nh2st.progress import make_progress
 from nh2st.runs import plan_fold, run_root

@@ -598,7 +598,8 @@ def part_zen(args, device, console, results, out_dir: Path) -> None:
     for batch in sorted(batches, key=lambda b: (b == 8, -b)):        # the long batch-8 job last
         plans = [None, 1] if batch == max(batches) and args.zen_compare_sequential else [None]
         for per_device in plans:
-            job = zen_job(store, out_dir / f"zen-runs-b{batch}-{per_device or 'auto'}", args, device, batch, per_device)
+            runs = Path(tempfile.mkdtemp(dir=out_dir, prefix=f"zen-runs-b{batch}-{per_device or 'auto'}-"))
+            job = zen_job(store, runs, args, device, batch, per_device)
             job["ratio_to_adam"] = job["ms_per_step"] / adam_ms if adam_ms else None
             jobs.append(job)
             results["zen"] = jobs

@@ -12,6 +12,7 @@ import torch
 
 from nh2st import metrics
 from nh2st.config import load_config
+from nh2st.errors import NH2STError
 from nh2st.model import NH2ST, nh2st_loss, plan_batches
 from nh2st.neighbors import knn_index
 from nh2st.predictor import Predictor
@@ -191,10 +192,10 @@ def test_step_mode_is_eager_off_cuda_and_can_be_forced(monkeypatch):
     assert resolve_step_mode("auto", torch.device("cuda", 0), 2) == "eager"          # DDP steps eagerly
     monkeypatch.setenv("NH2ST_STEP", "eager")
     assert resolve_step_mode("auto", torch.device("cuda", 0), 1) == "eager"
-    with pytest.raises(ValueError, match="CUDA"):
+    with pytest.raises(NH2STError, match="CUDA"):
         resolve_step_mode("graph", cpu, 1)
     monkeypatch.setenv("NH2ST_STEP", "fast")
-    with pytest.raises(ValueError, match="NH2ST_STEP"):
+    with pytest.raises(NH2STError, match="NH2ST_STEP"):
         resolve_step_mode("auto", cpu, 1)
 
 

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 
 from nh2st.config import Config
+from nh2st.errors import NH2STError
 from nh2st.model import Batches, nh2st_loss, plan_batches
 from nh2st.predictor import autocast
 
@@ -62,11 +63,12 @@ def resolve_step_mode(mode: str, device: torch.device, world: int) -> str:
     if mode == "auto":
         mode = os.environ.get(STEP_MODE_ENV, "auto") or "auto"
     if mode not in STEP_MODES:
-        raise ValueError(f"{STEP_MODE_ENV}={mode!r}: use one of {', '.join(STEP_MODES)}")
+        raise NH2STError(f"{STEP_MODE_ENV}={mode!r}: use one of {', '.join(STEP_MODES)}, or unset it")
     if mode == "auto":
         return "graph" if device.type == "cuda" and world == 1 else "eager"
     if mode == "graph" and (device.type != "cuda" or world > 1):
-        raise ValueError("the graph step needs CUDA and a single process (DDP steps run eagerly)")
+        raise NH2STError(f"{STEP_MODE_ENV}=graph needs CUDA and a single process (DDP steps run eagerly); "
+                         "use auto or eager")
     return mode
 
 

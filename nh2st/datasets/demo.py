@@ -7,27 +7,45 @@ Generated deterministically (fixed seed) on first use into a root (default ``dat
 and then read by the HEST reader (:mod:`nh2st.datasets.hest`), so the demo exercises exactly the
 code path of a real HEST download.
 
-The tissue. Each slide is a patchwork of four tissue types laid out as smooth random regions a
-few spot pitches across, inside a ragged tissue outline on white glass: tumour (dense, large,
-pleomorphic nuclei on purple-pink cytoplasm), stroma (wavy pink collagen fibres, sparse
-elongated nuclei), lymphoid tissue (crowded small round dark nuclei; large regions and small
-40-90 µm aggregates scattered everywhere) and fat (empty cells with thin pink membranes). The
-small aggregates make the spot's centre matter: a patch-wide average dilutes an aggregate that
-the spot's disc sees whole, or counts one in a corner the disc never sees. Colours come from Beer-Lambert mixing of haematoxylin and eosin
-optical densities, with per-slide stain variation. At 0.5 µm/px a Visium spot (55 µm) is 110 px
-across and the pitch (100 µm) is 200 px, so a 224-px patch sees about one spot.
+The tissue. At 0.5 µm/px a Visium spot (55 µm) is 110 px across, the pitch (100 µm) is 200 px
+and the 224-px patch that `nh2st extract` crops sees one spot and a rim around it. Each slide is
+a patchwork of tumour (dense, large, pleomorphic nuclei), stroma (wavy pink collagen, sparse
+elongated nuclei) and fat (empty cells, thin membranes), laid out as smooth random regions a few
+pitches across inside a ragged outline on white glass. Small lymphoid aggregates (crowded small
+dark nuclei, 35-55 µm across) sit in tumour and stroma on a jittered hexagonal lattice 110 µm
+apart, evenly spaced as such structures tend to be. So nearly every patch holds about one
+aggregate: whether it lies inside the spot's disc or in the patch's rim is what varies, and a
+patch-wide average cannot tell. Colours come from Beer-Lambert mixing of haematoxylin and eosin
+optical densities, with per-slide stain variation.
 
-The expression. For each spot, `own` = the tissue-type composition of the spot's own 55 µm disc
-and `neighbourhood` = the mean composition within 2.5 pitches (beyond the 224-px patch). With
-per-gene loadings A, B and baselines b (shared by all slides),
+The expression. Per spot, `disc` is the tissue-type composition of the spot's 55 µm disc (the
+tissue the spot captures transcripts from), and `surround` the composition beyond the patch, out
+to SURROUND_RADIUS_PX (what the neighbouring spots' patches show). Each gene belongs to one
+programme (shared by all slides): `region` genes mark tumour, stroma or fat in the disc, `spot`
+genes mark lymphoid cells in the disc, `niche` genes respond to tumour or lymphoid tissue in the
+surround. With per-gene loadings A, B and baselines b,
 
-    rate[s, g] = library[s] * softmax_g(b_g + A_g . own_s + B_g . neighbourhood_s)
+    rate[s, g] = library[s] * softmax_g(b_g + A_g . disc_s + B_g . surround_s)
     count      ~ Poisson(Gamma(1/phi_g, phi_g * rate))             (negative binomial)
 
-The noise ceiling is the mean per-gene PCC, against the observed processed targets
-(:func:`nh2st.expression.process_expression`), of the best predictor that knows every rate: the
-average of the processed targets of many independent count draws from the same rates. It is
-recorded per sample in metadata/<id>.json and for the dataset in demo.json.
+The patch's rim (inside the patch, outside the disc) enters no rate. Library sizes are
+log-normal around 3,000 counts over the 263 genes, scaled by the disc's cellularity, so that
+low genes are mostly zeros.
+
+What the signal allows, from the generator's own quantities (recorded in demo.json; the
+regression targets are those of :func:`nh2st.expression.process_expression`, whose 3x3 grid
+smoothing averages each Visium spot with its 4 diagonal neighbours):
+  * noise ceiling: per slide, the mean per-gene PCC between the observed targets and the ideal
+    predictor E[targets | rates], estimated as the mean targets of many independent count draws;
+  * achievable PCC of three information sets, each a ridge regression on quadratic features of
+    the true tissue compositions, fitted to the ideal predictor of the other slides (leave one
+    slide out) and scored against the held-out slide's observed targets, like the ceiling:
+    `pooled` (the patch's composition: what an average over the patch shows), `map` (the disc
+    and the rim apart: a map resolved in space) and `neighbourhood` (plus the surround and the
+    grid-smoothed discs of the neighbouring spots: what their patches show).
+The smoothing gives a spot's own disc a fifth of its target and the four neighbours' discs the
+rest, which bounds what resolving the centre can add over a patch average (it reaches the `spot`
+genes' fifth); seeing the neighbours adds more.
 
 Writing: every file goes to a temporary name and is renamed into place; a sample's metadata JSON
 is written last and demo.json after all samples, so an interrupted generation is finished (not
@@ -50,19 +68,24 @@ from nh2st.datasets import hest
 from nh2st.errors import NH2STError
 from nh2st.expression import normalize_log, process_expression, smooth_grid
 from nh2st.genes import load_gene_list
+from nh2st.metrics import pcc_per_gene
 from nh2st.progress import make_progress
 from nh2st.slide import write_pyramid_tiff
 from nh2st.splits import DEMO_IDS
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SEED = 2025_06_30
 MPP = 0.5                      # µm per pixel of level 0 ("20x")
 PITCH_PX = 200.0               # Visium centre-to-centre 100 µm
 SPOT_RADIUS_PX = 55.0          # Visium spot diameter 55 µm
-NEIGHBOURHOOD_RADIUS_PX = 2.5 * PITCH_PX
-AGGREGATE_SPACING_PX = 450.0   # one small lymphoid aggregate per (450 px)^2 on average
+PATCH_PX = 224                 # the patch `nh2st extract` crops (nh2st.encoder.PATCH_SIZE)
+SURROUND_RADIUS_PX = 1.75 * PITCH_PX
+AGGREGATE_SPACING_PX = 220.0
+AGGREGATE_RADIUS_PX = (35.0, 55.0)
 MARGIN_PX = 260                # glass around the spot grid
 TISSUE_TYPES = ("background", "tumour", "stroma", "lymphoid", "fat")
+PROGRAMMES = ("region", "spot", "niche")
+INFORMATION_SETS = ("pooled", "map", "neighbourhood")
 MITO_GENES = ("MT-ATP6", "MT-ATP8", "MT-CO1", "MT-CO2", "MT-CO3", "MT-CYB", "MT-ND1", "MT-ND2",
               "MT-ND3", "MT-ND4", "MT-ND4L", "MT-ND5", "MT-ND6")  # in var, outside the gene list
 CEILING_DRAWS = 64
@@ -79,27 +102,43 @@ _NUCLEI = {
     3: (1 / 260, 6.2, 0.5, (0.85, 1.0), 1.6, 0.15),     # lymphoid: small, round, dark
     4: (1 / 30000, 8.0, 1.0, (0.3, 0.45), 0.85, 0.1),   # fat
 }
+# Library size per unit of disc area of each tissue type, relative to tumour (glass captures little)
+_CELLULARITY = np.array([0.05, 1.0, 0.55, 1.4, 0.25])
 
 
 @dataclass
 class DemoSimulation:
-    """One generated sample; spots in h5ad row order, genes in var order (`var_names`)."""
+    """One generated sample; spots in h5ad row order, genes in var order (`var_names`).
+
+    Compositions are (N, 5) fractions of TISSUE_TYPES; `targets` and `ideal` cover the in-tissue
+    spots (in row order) and the DEMO gene list (in list order)."""
 
     sample_id: str
-    image: np.ndarray              # (H, W, 3) uint8 level 0
+    image: np.ndarray | None       # (H, W, 3) uint8 level 0; None when simulated without rendering
     tissue_map: np.ndarray         # (H/4, W/4) uint8 tissue type (TISSUE_TYPES index) per 4x4 block
     pixel_xy: np.ndarray           # (N, 2) float64 (x = column, y = row)
     array_row: np.ndarray          # (N,) int64
     array_col: np.ndarray          # (N,) int64
     in_tissue: np.ndarray          # (N,) int64
     barcodes: np.ndarray           # (N,) str
-    own: np.ndarray                # (N, 5) composition of the spot disc (TISSUE_TYPES order)
-    neighbourhood: np.ndarray      # (N, 5) composition within NEIGHBOURHOOD_RADIUS_PX
+    disc: np.ndarray               # the spot's 55 µm disc
+    patch: np.ndarray              # the 224-px patch
+    rim: np.ndarray                # the patch outside the disc
+    surround: np.ndarray           # beyond the patch, within SURROUND_RADIUS_PX
     library_size: np.ndarray       # (N,)
     rates: np.ndarray              # (N, G_var) expected counts
     counts: np.ndarray             # (N, G_var) int64 observed counts
     var_names: list[str]
-    ceiling: float = float("nan")  # mean per-gene PCC of the ideal predictor (in-tissue spots, list genes)
+    programme: np.ndarray          # (G_list,) PROGRAMMES index of each list gene
+    targets: np.ndarray            # (N_in, G_list) processed observed counts
+    ideal: np.ndarray              # (N_in, G_list) E[targets | rates]
+    ceiling: float                 # mean per-gene PCC of `ideal` against `targets`
+
+    @property
+    def grid_xy(self) -> np.ndarray:
+        """(N_in, 2) grid ids (array_col, array_row) of the in-tissue spots."""
+        kept = self.in_tissue == 1
+        return np.stack([self.array_col[kept], self.array_row[kept]], axis=1)
 
 
 # ---------------------------------------------------------------- random fields and layout
@@ -116,6 +155,10 @@ def _upsample(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return ndimage.zoom(array, zoom, order=1, grid_mode=True, mode="nearest")[:shape[0], :shape[1]]
 
 
+def _rotation(angle: float) -> np.ndarray:
+    return np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+
+
 def _spot_grid(rng):
     """Visium-like hex grid: columns of one row 2 apart, odd rows shifted by one; slight rotation."""
     n_rows, n_per_row = int(rng.integers(15, 19)), int(rng.integers(15, 19))
@@ -128,13 +171,24 @@ def _spot_grid(rng):
             cols.append(c)
     rows, cols = np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
     local = np.stack([(cols - col0) * PITCH_PX / 2, (rows - row0) * PITCH_PX * np.sqrt(3) / 2], axis=1)
-    angle = np.deg2rad(rng.uniform(-3, 3))
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    xy = (local - local.mean(0)) @ rot.T
+    xy = (local - local.mean(0)) @ _rotation(np.deg2rad(rng.uniform(-3, 3))).T
     xy += rng.uniform(-0.4, 0.4, size=xy.shape)  # sub-pixel registration jitter
     xy -= xy.min(0) - MARGIN_PX
     width, height = (np.ceil(xy.max(0)) + MARGIN_PX).astype(int)
     return rows, cols, xy, int(height), int(width)
+
+
+def _aggregate_centres(rng, height: int, width: int) -> np.ndarray:
+    """(M, 2) x, y: a hexagonal lattice AGGREGATE_SPACING_PX apart at a random angle and offset,
+    each centre jittered by 15 % of the spacing, one in seven left out."""
+    spacing = AGGREGATE_SPACING_PX
+    n = int(np.hypot(height, width) / spacing / 2) + 2
+    i, j = np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1))
+    lattice = np.stack([(i + 0.5 * (j % 2)) * spacing, j * spacing * np.sqrt(3) / 2], axis=-1).reshape(-1, 2)
+    xy = lattice @ _rotation(rng.uniform(0, np.pi)).T + np.array([width, height]) / 2 + rng.uniform(0, spacing, 2)
+    xy += rng.normal(0, 0.15 * spacing, xy.shape)
+    keep = (xy[:, 0] > -spacing) & (xy[:, 0] < width + spacing) & (xy[:, 1] > -spacing) & (xy[:, 1] < height + spacing)
+    return xy[keep & (rng.random(len(xy)) > 1 / 7)]
 
 
 def _tissue_labels(rng, height, width, spot_xy) -> np.ndarray:
@@ -142,21 +196,26 @@ def _tissue_labels(rng, height, width, spot_xy) -> np.ndarray:
     ds, fine_ds = 32, 4
     coarse = (-(-height // ds), -(-width // ds))
     fine = (-(-height // fine_ds), -(-width // fine_ds))
-    fields = np.stack([_upsample(_smooth_noise(rng, coarse, 1.0 * PITCH_PX / ds), fine) for _ in range(4)])
-    fields += (np.array([0.25, 0.15, -0.05, -0.35]) + rng.normal(0, 0.3, 4))[:, None, None].astype(np.float32)
-    fields += 0.1 * _smooth_noise(rng, (4, *fine), (0, 1.3, 1.3))  # ragged region borders
-    labels = (fields.argmax(0) + 1).astype(np.uint8)
+    region_types = np.array([1, 2, 4], dtype=np.uint8)  # tumour, stroma, fat; lymphoid comes as aggregates
+    fields = np.stack([_upsample(_smooth_noise(rng, coarse, 1.0 * PITCH_PX / ds), fine) for _ in range(3)])
+    fields += (np.array([0.2, 0.3, -0.35]) + rng.normal(0, 0.3, 3))[:, None, None].astype(np.float32)
+    fields += 0.1 * _smooth_noise(rng, (3, *fine), (0, 1.3, 1.3))  # ragged region borders
+    labels = region_types[fields.argmax(0)]
     # fat is mostly empty: drop specks of it, they would look like holes torn along region borders
     specks = (labels == 4) & ~ndimage.binary_opening(labels == 4, iterations=2)
-    fields[3] = -np.inf
-    labels[specks] = (fields.argmax(0) + 1).astype(np.uint8)[specks]
-    # small lymphoid aggregates (40-90 µm across): tissue that a spot's disc sees but a patch average dilutes
-    n_aggregates = rng.poisson(fine[0] * fine[1] * fine_ds ** 2 / AGGREGATE_SPACING_PX ** 2)
+    fields[2] = -np.inf
+    labels[specks] = region_types[fields.argmax(0)][specks]
+    # lymphoid aggregates, evenly spaced, with ragged edges; fat has none
+    centres = _aggregate_centres(rng, height, width)
     seeds = np.zeros(fine, dtype=bool)
-    seeds[rng.integers(0, fine[0], n_aggregates), rng.integers(0, fine[1], n_aggregates)] = True
-    radius_at = np.where(seeds, rng.uniform(40, 90, fine) / fine_ds, 0).astype(np.float32)
-    distance, (iy, ix) = ndimage.distance_transform_edt(~seeds, return_indices=True)
-    labels[distance + 1.2 * _smooth_noise(rng, fine, 1.0) < radius_at[iy, ix]] = 3
+    radius_at = np.zeros(fine, dtype=np.float32)
+    iy, ix = (centres[:, 1] // fine_ds).astype(int), (centres[:, 0] // fine_ds).astype(int)
+    on = (iy >= 0) & (iy < fine[0]) & (ix >= 0) & (ix < fine[1])
+    seeds[iy[on], ix[on]] = True
+    radius_at[iy[on], ix[on]] = rng.uniform(*AGGREGATE_RADIUS_PX, on.sum()) / fine_ds
+    distance, (ny, nx) = ndimage.distance_transform_edt(~seeds, return_indices=True)
+    aggregate = distance + 1.2 * _smooth_noise(rng, fine, 1.0) < radius_at[ny, nx]
+    labels[aggregate & (labels != 4)] = 3
     # tissue outline: an ellipse over the spot grid with a ragged, random edge
     centre, half = spot_xy.mean(0) / fine_ds, (spot_xy.max(0) - spot_xy.min(0)) / 2 / fine_ds
     yy, xx = np.mgrid[:fine[0], :fine[1]].astype(np.float32)
@@ -167,11 +226,12 @@ def _tissue_labels(rng, height, width, spot_xy) -> np.ndarray:
     return labels
 
 
-def _composition(labels_ds: np.ndarray, ds: int, spot_xy: np.ndarray, radius_px: float) -> np.ndarray:
-    """(N, 5) fraction of each tissue type within `radius_px` of each spot; outside the image = glass."""
-    r = radius_px / ds
-    dy, dx = np.mgrid[-int(r) - 1:int(r) + 2, -int(r) - 1:int(r) + 2]
-    inside = dy ** 2 + dx ** 2 <= r ** 2
+def _composition(labels_ds: np.ndarray, ds: int, spot_xy: np.ndarray, region) -> np.ndarray:
+    """(N, 5) fraction of each tissue type over the cells of `labels_ds` (cell side `ds` px) whose
+    offset (dx, dy) in px from the spot's cell satisfies `region(dx, dy)`; outside the image = glass."""
+    reach = int(np.ceil(max(SURROUND_RADIUS_PX, PATCH_PX) / ds)) + 1
+    dy, dx = np.mgrid[-reach:reach + 1, -reach:reach + 1]
+    inside = region(dx * ds, dy * ds)
     dy, dx = dy[inside], dx[inside]
     cy = np.floor(spot_xy[:, 1] / ds).astype(int)[:, None] + dy
     cx = np.floor(spot_xy[:, 0] / ds).astype(int)[:, None] + dx
@@ -181,6 +241,22 @@ def _composition(labels_ds: np.ndarray, ds: int, spot_xy: np.ndarray, radius_px:
     spot = np.repeat(np.arange(len(spot_xy)), types.shape[1])
     counts = np.bincount(spot * 5 + types.ravel(), minlength=5 * len(spot_xy)).reshape(-1, 5)
     return counts / counts.sum(1, keepdims=True)
+
+
+def _in_disc(dx, dy):
+    return dx ** 2 + dy ** 2 <= SPOT_RADIUS_PX ** 2
+
+
+def _in_patch(dx, dy):
+    return (np.abs(dx) <= PATCH_PX / 2) & (np.abs(dy) <= PATCH_PX / 2)
+
+
+def _in_rim(dx, dy):
+    return _in_patch(dx, dy) & ~_in_disc(dx, dy)
+
+
+def _in_surround(dx, dy):
+    return ~_in_patch(dx, dy) & (dx ** 2 + dy ** 2 <= SURROUND_RADIUS_PX ** 2)
 
 
 # ---------------------------------------------------------------- rendering
@@ -299,33 +375,43 @@ class GeneModel:
     """Per-gene parameters shared by every demo slide (one 'biology'), in var order."""
 
     var_names: list[str]
+    programme: np.ndarray          # (G,) index into PROGRAMMES
     baseline: np.ndarray           # (G,)
-    own_loadings: np.ndarray       # (G, 5) on the spot disc's composition
-    neighbourhood_loadings: np.ndarray  # (G, 5) on the neighbourhood composition
+    disc_loadings: np.ndarray      # (G, 5) on the disc's composition
+    surround_loadings: np.ndarray  # (G, 5) on the surround's composition
     dispersion: np.ndarray         # (G,) negative-binomial phi (variance = mu + phi mu^2)
 
 
 def gene_model(seed: int = SEED) -> GeneModel:
+    """Loadings sized so that each programme's marked input moves its genes' log rate by about one
+    unit (sd over spots): tissue regions change the disc's composition by whole fractions,
+    aggregates by about 0.2, the surround's lymphoid share varies by about 0.05."""
     rng = np.random.default_rng([seed, 1_000_000])
     names = load_gene_list("DEMO") + list(MITO_GENES)
     names = [names[i] for i in rng.permutation(len(names))]  # var order is not the list order
     g = len(names)
-    baseline = rng.normal(0.0, 1.0, g)
+    programme = rng.choice(len(PROGRAMMES), g, p=[0.3, 0.4, 0.3])
+    baseline = rng.normal(0.0, 1.2, g)
     baseline[[n.startswith("MT-") for n in names]] += 1.5
-    own = rng.normal(0.0, 0.8, (g, 5))
-    own[:, 0] *= 0.3                # glass under a spot adds little
-    marker = np.flatnonzero(rng.random(g) < 0.3)
-    own[marker, rng.integers(1, 5, len(marker))] += 2.0
-    neighbourhood = rng.normal(0.0, 0.7, (g, 5))
-    responder = np.flatnonzero(rng.random(g) < 0.15)
-    neighbourhood[responder, rng.integers(1, 5, len(responder))] += 1.8
-    return GeneModel(names, baseline, own, neighbourhood, rng.uniform(0.05, 0.2, g))
+    disc = rng.normal(0.0, 0.25, (g, 5))
+    surround = rng.normal(0.0, 0.25, (g, 5))
+    disc[:, 0] *= 0.3                # glass adds little
+    surround[:, 0] *= 0.3
+    strength = rng.uniform(0.6, 1.4, g) * rng.choice([-1.0, 1.0], g, p=[0.2, 0.8])
+    region = np.flatnonzero(programme == 0)
+    disc[region, rng.choice([1, 2, 4], len(region))] += 2.5 * strength[region]
+    spot = np.flatnonzero(programme == 1)
+    disc[spot, 3] += 5.0 * strength[spot]
+    niche = np.flatnonzero(programme == 2)
+    niche_type = rng.choice([1, 3], len(niche))
+    surround[niche, niche_type] += np.where(niche_type == 3, 16.0, 2.5) * strength[niche]
+    return GeneModel(names, programme, baseline, disc, surround, np.exp(rng.uniform(np.log(0.05), np.log(0.4), g)))
 
 
-def expected_counts(model: GeneModel, own: np.ndarray, neighbourhood: np.ndarray,
+def expected_counts(model: GeneModel, disc: np.ndarray, surround: np.ndarray,
                     library_size: np.ndarray) -> np.ndarray:
-    """(N, G) rates = library * softmax_g(baseline + own @ A.T + neighbourhood @ B.T)."""
-    logits = model.baseline + own @ model.own_loadings.T + neighbourhood @ model.neighbourhood_loadings.T
+    """(N, G) rates = library * softmax_g(baseline + disc @ A.T + surround @ B.T)."""
+    logits = model.baseline + disc @ model.disc_loadings.T + surround @ model.surround_loadings.T
     logits -= logits.max(axis=1, keepdims=True)
     share = np.exp(logits)
     share /= share.sum(axis=1, keepdims=True)
@@ -338,27 +424,106 @@ def draw_counts(rng, rates: np.ndarray, dispersion: np.ndarray) -> np.ndarray:
     return rng.poisson(rng.gamma(shape, rates / shape)).astype(np.int64)
 
 
-def pcc_per_gene(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(G,) Pearson r of matching columns; NaN where either column is constant."""
-    a = a - a.mean(axis=0)
-    b = b - b.mean(axis=0)
-    denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (a * b).sum(axis=0) / denom, np.nan)
+def ideal_targets(rng, rates: np.ndarray, dispersion: np.ndarray, grid_xy: np.ndarray,
+                  draws: int = CEILING_DRAWS) -> np.ndarray:
+    """(N, G) E[targets | rates], estimated as the mean processed targets of `draws` independent
+    count draws (smoothing is linear, so the draws' normalised values are averaged first)."""
+    total = np.zeros(rates.shape)
+    for _ in range(draws):
+        total += normalize_log(draw_counts(rng, rates, dispersion))
+    return smooth_grid(total / draws, grid_xy)
 
 
-def noise_ceiling(rng, rates: np.ndarray, dispersion: np.ndarray, observed_counts: np.ndarray,
-                  grid_xy: np.ndarray, draws: int = CEILING_DRAWS) -> float:
-    """Mean per-gene PCC between the observed targets and the ideal predictor E[targets | rates].
+def mean_pcc(pred: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over genes of the per-gene PCC over spots (constant genes left out)."""
+    return float(np.nanmean(pcc_per_gene(pred, targets)))
 
-    The ideal predictor is estimated as the mean of the processed targets of `draws` independent
-    count draws from the same rates (smoothing is linear, so the draws' normalised values are
-    averaged first and smoothed once). Columns are the gene-list genes only, rows the spots kept.
-    """
-    targets = process_expression(observed_counts, grid_xy)
-    simulated = draw_counts(rng, np.broadcast_to(rates, (draws, *rates.shape)), dispersion)
-    ideal = smooth_grid(np.mean([normalize_log(c) for c in simulated], axis=0), grid_xy)
-    return float(np.nanmean(pcc_per_gene(ideal, targets)))
+
+# ---------------------------------------------------------------- what the signal allows
+
+def _quadratic(x: np.ndarray) -> np.ndarray:
+    """(N, F) -> (N, F + F(F+1)/2): the features and their pairwise products."""
+    upper = np.triu_indices(x.shape[1])
+    return np.hstack([x, (x[:, :, None] * x[:, None, :])[:, upper[0], upper[1]]])
+
+
+def information_sets(sim: "DemoSimulation") -> dict[str, np.ndarray]:
+    """Per INFORMATION_SETS name, (N_in, F) true tissue quantities a model of that kind could read:
+    pooled = the patch's composition, map = the disc and the rim apart, neighbourhood = map plus
+    the surround and the discs of the spots the target smoothing averages over."""
+    kept = sim.in_tissue == 1
+    own = np.hstack([sim.disc[kept], sim.rim[kept]])
+    around = np.hstack([sim.surround[kept], smooth_grid(np.hstack([sim.disc[kept], sim.surround[kept]]), sim.grid_xy)])
+    return {"pooled": _quadratic(sim.patch[kept]), "map": _quadratic(own),
+            "neighbourhood": np.hstack([_quadratic(own), around])}
+
+
+def achievable_pcc_per_gene(sims: list["DemoSimulation"]) -> dict[str, dict[str, np.ndarray]]:
+    """{sample_id: {name: (G_list,) PCC}} for the noise ceiling ("ceiling") and each of
+    INFORMATION_SETS: the PCC per gene, against the held-out slide's observed targets, of a ridge
+    regression on that information set fitted to the ideal targets of the other slides."""
+    from sklearn.linear_model import Ridge
+
+    features = [information_sets(sim) for sim in sims]
+    out = {}
+    for i, held in enumerate(sims):
+        out[held.sample_id] = {"ceiling": pcc_per_gene(held.ideal, held.targets)}
+        for name in INFORMATION_SETS:
+            x_train = np.vstack([f[name] for j, f in enumerate(features) if j != i])
+            y_train = np.vstack([s.ideal for j, s in enumerate(sims) if j != i])
+            pred = Ridge(alpha=1e-3).fit(x_train, y_train).predict(features[i][name])
+            out[held.sample_id][name] = pcc_per_gene(pred, held.targets)
+    return out
+
+
+def signal_summary(sims: list["DemoSimulation"]) -> dict:
+    """demo.json's signal figures: the noise ceiling and each information set's achievable PCC,
+    each the mean per-gene PCC per slide, then averaged over slides; overall, per programme and
+    per sample."""
+    per_gene = achievable_pcc_per_gene(sims)
+    programme = sims[0].programme
+
+    def per_slide(name, select=slice(None)):
+        return [float(np.nanmean(per_gene[s.sample_id][name][select])) for s in sims]
+
+    def achievable(select=slice(None)):
+        return {name: round(float(np.mean(per_slide(name, select))), 4) for name in INFORMATION_SETS}
+
+    return {
+        "noise_ceiling_pcc": round(float(np.mean(per_slide("ceiling"))), 4),
+        "noise_ceiling_method": (f"per slide: mean over genes of the PCC between the observed targets and the ideal "
+                                 f"predictor E[targets | rates] (mean targets of {CEILING_DRAWS} independent count "
+                                 "draws from the same rates), in-tissue spots; overall: mean over slides"),
+        "achievable_pcc": achievable(),
+        "achievable_method": ("the same PCC, of a ridge regression (alpha 1e-3) on quadratic features of the true "
+                              f"tissue compositions, fitted to the ideal targets of the other {len(sims) - 1} slides. "
+                              "pooled: the "
+                              "224-px patch's composition (what an average over the patch shows); map: the 55 µm "
+                              "disc and the rest of the patch apart (a map resolved in space); neighbourhood: map "
+                              "plus the surround beyond the patch and the grid-smoothed discs and surrounds of the "
+                              "neighbouring spots (what their patches show)"),
+        "by_programme": {p: {"genes": int((programme == k).sum()),
+                             "noise_ceiling_pcc": round(float(np.mean(per_slide("ceiling", programme == k))), 4),
+                             "achievable_pcc": achievable(programme == k)} for k, p in enumerate(PROGRAMMES)},
+        "samples": {s.sample_id: {"spots_in_tissue": int(s.in_tissue.sum()),
+                                  "noise_ceiling_pcc": round(float(np.nanmean(per_gene[s.sample_id]["ceiling"])), 4),
+                                  "achievable_pcc": {name: round(float(np.nanmean(per_gene[s.sample_id][name])), 4)
+                                                     for name in INFORMATION_SETS}} for s in sims},
+        "counts": count_summary(sims),
+    }
+
+
+def count_summary(sims: list["DemoSimulation"]) -> dict:
+    """How sparse and deep the counts are, over the in-tissue spots: median counts per spot (all
+    var genes), the fraction of zeros over the list genes, and over the tenth of them lowest in
+    mean count."""
+    listed = list_columns(sims[0].var_names)
+    counts = np.vstack([s.counts[s.in_tissue == 1] for s in sims])
+    listed_counts = counts[:, listed]
+    low = np.argsort(listed_counts.mean(0))[: max(1, len(listed) // 10)]
+    return {"median_counts_per_spot": float(np.median(counts.sum(1))),
+            "zero_fraction": round(float((listed_counts == 0).mean()), 4),
+            "zero_fraction_lowest_tenth_of_genes": round(float((listed_counts[:, low] == 0).mean()), 4)}
 
 
 # ---------------------------------------------------------------- one sample
@@ -372,35 +537,41 @@ def _barcodes(rng, n: int) -> np.ndarray:
             return codes
 
 
-def simulate_sample(sample_id: str, seed: int = SEED) -> DemoSimulation:
-    """Generate one demo sample in memory (deterministic in `seed` and the sample's position)."""
+def simulate_sample(sample_id: str, seed: int = SEED, render: bool = True) -> DemoSimulation:
+    """Generate one demo sample in memory (deterministic in `seed` and the sample's position).
+
+    Layout, rendering, counts and the ceiling's draws use separate random streams, so
+    `render=False` (image None, much faster) gives the same tissue and counts.
+    """
     if sample_id not in DEMO_IDS:
         raise NH2STError(f"unknown demo sample {sample_id!r}; the demo has {', '.join(DEMO_IDS)}")
-    rng = np.random.default_rng([seed, DEMO_IDS.index(sample_id)])
-    rows, cols, xy, height, width = _spot_grid(rng)
-    labels4 = _tissue_labels(rng, height, width, xy)
-    image = _render(rng, labels4, height, width)
-    own = _composition(labels4, 4, xy, SPOT_RADIUS_PX)
-    neighbourhood = _composition(labels4[::2, ::2], 8, xy, NEIGHBOURHOOD_RADIUS_PX)
+    k = DEMO_IDS.index(sample_id)
+    layout_rng, render_rng, count_rng, ceiling_rng = (np.random.default_rng([seed, k, s]) for s in range(4))
+    rows, cols, xy, height, width = _spot_grid(layout_rng)
+    labels4 = _tissue_labels(layout_rng, height, width, xy)
+    image = _render(render_rng, labels4, height, width) if render else None
+    disc, patch, rim = (_composition(labels4, 4, xy, region) for region in (_in_disc, _in_patch, _in_rim))
+    surround = _composition(labels4[::2, ::2], 8, xy, _in_surround)
 
     model = gene_model(seed)
-    library = np.exp(rng.normal(np.log(2500.0), 0.3, len(xy))) * (0.15 + 0.85 * (1.0 - own[:, 0]))
-    rates = expected_counts(model, own, neighbourhood, library)
-    counts = draw_counts(rng, rates, model.dispersion)
-    in_tissue = (own[:, 0] < 0.5).astype(np.int64)
-    barcodes = _barcodes(rng, len(xy))
+    library = np.exp(count_rng.normal(np.log(3000.0), 0.35, len(xy))) * (disc @ _CELLULARITY)
+    rates = expected_counts(model, disc, surround, library)
+    counts = draw_counts(count_rng, rates, model.dispersion)
+    in_tissue = (disc[:, 0] < 0.5).astype(np.int64)
+    barcodes = _barcodes(layout_rng, len(xy))
 
-    order = rng.permutation(len(xy))  # Visium rows are not in grid order
-    sim = DemoSimulation(sample_id=sample_id, image=image, tissue_map=labels4, pixel_xy=xy[order],
-                         array_row=rows[order], array_col=cols[order], in_tissue=in_tissue[order], barcodes=barcodes,
-                         own=own[order], neighbourhood=neighbourhood[order], library_size=library[order],
-                         rates=rates[order], counts=counts[order], var_names=model.var_names)
-    kept = sim.in_tissue == 1
+    order = layout_rng.permutation(len(xy))  # Visium rows are not in grid order
+    kept = in_tissue[order] == 1
     listed = list_columns(model.var_names)
-    sim.ceiling = noise_ceiling(np.random.default_rng([seed, DEMO_IDS.index(sample_id), 1]),
-                                sim.rates[kept][:, listed], model.dispersion[listed], sim.counts[kept][:, listed],
-                                np.stack([sim.array_col[kept], sim.array_row[kept]], axis=1))
-    return sim
+    grid = np.stack([cols[order][kept], rows[order][kept]], axis=1)
+    targets = process_expression(counts[order][kept][:, listed], grid)
+    ideal = ideal_targets(ceiling_rng, rates[order][kept][:, listed], model.dispersion[listed], grid)
+    return DemoSimulation(sample_id=sample_id, image=image, tissue_map=labels4, pixel_xy=xy[order],
+                          array_row=rows[order], array_col=cols[order], in_tissue=in_tissue[order],
+                          barcodes=barcodes, disc=disc[order], patch=patch[order], rim=rim[order],
+                          surround=surround[order], library_size=library[order], rates=rates[order],
+                          counts=counts[order], var_names=model.var_names, programme=model.programme[listed],
+                          targets=targets, ideal=ideal, ceiling=mean_pcc(ideal, targets))
 
 
 def list_columns(var_names: list[str]) -> np.ndarray:
@@ -509,7 +680,6 @@ def _hest_metadata(sim: DemoSimulation, seed: int) -> dict:
             "fullres_height": height, "fullres_width": width, "spot_estimate_dist": PITCH_PX,
             "adata_nb_col": len(sim.var_names),
             "nh2st_demo": {"generator_version": GENERATOR_VERSION, "seed": seed,
-                           "noise_ceiling_pcc": sim.ceiling, "noise_ceiling_draws": CEILING_DRAWS,
                            "spots_in_tissue": n_in, "tissue_types": list(TISSUE_TYPES)}}
 
 
@@ -560,35 +730,40 @@ class _Quiet:
 def generate_demo(root, seed: int = SEED, show_progress: bool = True) -> dict:
     """Write the demo dataset under `root` and return demo.json's content.
 
-    Samples already complete (same generator version and seed) are kept; demo.json is written
-    last, so it exists only once every sample does.
+    Samples already complete (same generator version and seed) are kept; they are simulated again
+    without rendering, since the signal figures need every slide's tissue and counts. demo.json is
+    written last, so it exists only once every sample does.
     """
     import pandas as pd
 
     root = Path(root)
     started = time.perf_counter()
     todo = [sid for sid in DEMO_IDS if _sample_complete(root, sid, seed) is None]
+
+    def simulate(sid):
+        sim = simulate_sample(sid, seed, render=sid in todo)
+        if sim.image is not None:
+            write_demo_sample(root, sim, seed)
+            sim.image = None
+        return sim
+
     with make_progress(transient=True) if todo and show_progress else _Quiet() as progress:
-        task = progress.add_task("generating the demo dataset (once)", total=len(todo))
+        task = progress.add_task("generating the demo dataset (once)", total=len(DEMO_IDS))
+        sims = []
         # two samples at a time: most of the rendering is numpy work that releases the GIL
         with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-            for _ in pool.map(lambda sid: write_demo_sample(root, simulate_sample(sid, seed), seed), todo):
+            for sim in pool.map(simulate, DEMO_IDS):
+                sims.append(sim)
                 progress.advance(task)
     metadata = {sid: hest.read_metadata(hest.sample_paths(root, sid)["metadata"]) for sid in DEMO_IDS}
     rows = [{column: meta.get(column) for column in HEST_CSV_COLUMNS} for meta in metadata.values()]
     atomic_write(root / "HEST_v1_1_0.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
-    blocks = {sid: meta["nh2st_demo"] for sid, meta in metadata.items()}
     manifest = {
         "dataset": "demo", "generator": "nh2st.datasets.demo", "generator_version": GENERATOR_VERSION,
         "seed": seed, "mpp": MPP, "pitch_px": PITCH_PX, "spot_diameter_px": 2 * SPOT_RADIUS_PX,
-        "neighbourhood_radius_px": NEIGHBOURHOOD_RADIUS_PX, "tissue_types": list(TISSUE_TYPES),
+        "patch_px": PATCH_PX, "surround_radius_px": SURROUND_RADIUS_PX, "tissue_types": list(TISSUE_TYPES),
         "genes": "DEMO list (GENE001..GENE250); var also holds 13 MT- genes",
-        "noise_ceiling_pcc": float(np.mean([b["noise_ceiling_pcc"] for b in blocks.values()])),
-        "noise_ceiling_method": (f"per sample: mean over genes of the PCC between the observed processed targets "
-                                 f"and the mean of the processed targets of {CEILING_DRAWS} independent count draws "
-                                 "from the same rates (in-tissue spots); overall: mean over samples"),
-        "samples": {sid: {"spots_in_tissue": b["spots_in_tissue"], "noise_ceiling_pcc": b["noise_ceiling_pcc"]}
-                    for sid, b in blocks.items()},
+        **signal_summary(sims),
         "generated_now": todo, "generation_seconds": round(time.perf_counter() - started, 2),
     }
     atomic_write(root / "demo.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))

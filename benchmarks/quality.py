@@ -3,19 +3,20 @@
     python benchmarks/quality.py                                    # every variant, seeds 0 1 2
     python benchmarks/quality.py --variants ridge paper nh2st+ --seeds 0
     python benchmarks/quality.py --report validation                # for tuning: validation slides only
+    python benchmarks/quality.py --tune-mlp                         # the MLP probe's settings, on validation
     python benchmarks/quality.py --json quality.json --runs-dir /tmp/quality-runs
 
 For each variant and seed (GENERAL.seed, which also picks the validation slide carved from each
 training fold) all demo folds are trained and tested with `nh2st.training.train_folds` under the
 default protocol: early stopping and checkpoint selection on validation slides, the test fold
-scored once. Variants (configs/demo.yaml is the recommended configuration, MODEL.preset nh2st+):
+scored once. Variants:
 
     mean, ridge, mlp      the per-gene training mean; HEST-Bench's ridge and an MLP probe on pooled features
-    paper                 NH²2ST as released: configs/demo.yaml with MODEL.preset=paper
-    nh2st+                the recommended configuration: configs/demo.yaml as shipped
-    paper+<switch>        paper mode plus one switch of the recipe, at the value nh2st+ uses
-                          (bias, selection, schedule, weight-decay, clip; see SWITCHES)
-    nh2st+:query          nh2st+ with MODEL.predict_from=query (paper's prediction from the target alone)
+    paper                 NH²2ST paper mode: configs/demo-paper.yaml (the released code's keys)
+    nh2st+                the recommended configuration: configs/demo.yaml (MODEL.preset nh2st+)
+    paper+<switch>        paper mode plus one switch, at the value nh2st+ uses (SWITCHES): the recipe's
+                          decoder-init, selection, schedule, clip; weight-decay (tried, not in nh2st+);
+                          and the demo's choices batch-32 and query+neighbors
 
 `--report test` (default) scores the test folds: PCC pooled over each fold's test slides (as
 training reports it) and per slide (within-slide, mean over test slides: the quantity the
@@ -23,6 +24,8 @@ generator's noise ceiling in demo.json is defined as), R top-50, HVG-50, MSE, MA
 value is the mean over folds; the table shows mean ± std (population) over seeds.
 `--report validation` shows instead what selection saw on the validation slides at the selected
 epoch (PCC, R, MSE) and never reads a test fold's expression: tune with it, report with test.
+`--tune-mlp` fits the MLP probe with a few settings on each fold's training slides and scores
+them on its validation slides (seed 0's carve); the chosen one is nh2st.baselines' default.
 Runs go to a temporary folder unless --runs-dir is given, never to runs/.
 """
 
@@ -58,24 +61,26 @@ def preset_keys(section: str, names: list[str]) -> list[str]:
     return out
 
 
-PAPER = ["MODEL.preset=paper"]
-SWITCHES = {   # one switch of the recipe, at the value MODEL.preset=nh2st+ gives it
-    "bias": preset_keys("MODEL", ["decoder_bias_init"]),
+RECOMMENDED, PAPER = ROOT / "configs" / "demo.yaml", ROOT / "configs" / "demo-paper.yaml"
+SWITCHES = {   # paper mode -> nh2st+, one key group at a time, at nh2st+'s value (weight decay: the value tried)
+    "decoder-init": preset_keys("MODEL", ["decoder_init"]),
     "selection": preset_keys("TRAINING", ["early_stopping"]),
     "schedule": preset_keys("TRAINING", ["lr_scheduler"]),
-    "weight-decay": preset_keys("TRAINING", ["weight_decay"]),
+    "weight-decay": ["TRAINING.weight_decay=0.01"],   # not in nh2st+: measured, it cost validation PCC
     "clip": preset_keys("MODEL", ["clip_output"]),
+    "batch-32": ["TRAINING.batch_size=32"],
+    "query+neighbors": ["MODEL.predict_from=query+neighbors"],
 }
-VARIANTS = {   # name -> (model kind, config overrides, label)
-    "mean": ("mean", [], "mean (per-gene training mean)"),
-    "ridge": ("ridge", [], "ridge (HEST-Bench: scaler + PCA 256 + ridge, pooled)"),
-    "mlp": ("mlp", [], "MLP probe (pooled, 1 hidden layer)"),
-    "paper": ("nh2st", PAPER, "NH²2ST paper mode"),
-    "nh2st+": ("nh2st", [], "NH²2ST nh2st+ (recommended, configs/demo.yaml)"),
-    **{f"paper+{name}": ("nh2st", PAPER + keys, f"paper mode + {name}") for name, keys in SWITCHES.items()},
-    "nh2st+:query": ("nh2st", ["MODEL.predict_from=query"], "nh2st+ with MODEL.predict_from=query"),
+VARIANTS = {   # name -> (model kind, config file, overrides, label)
+    "mean": ("mean", RECOMMENDED, [], "mean (per-gene training mean)"),
+    "ridge": ("ridge", RECOMMENDED, [], "ridge (HEST-Bench: scaler + PCA 256 + ridge, pooled)"),
+    "mlp": ("mlp", RECOMMENDED, [], "MLP probe (pooled, 1 hidden layer)"),
+    "paper": ("nh2st", PAPER, [], "NH²2ST paper mode (configs/demo-paper.yaml)"),
+    "nh2st+": ("nh2st", RECOMMENDED, [], "NH²2ST nh2st+ (recommended, configs/demo.yaml)"),
+    **{f"paper+{name}": ("nh2st", PAPER, keys, f"paper mode + {name}") for name, keys in SWITCHES.items()},
 }
-DEFAULT_VARIANTS = ["mean", "ridge", "mlp", "paper", "nh2st+", *[f"paper+{name}" for name in SWITCHES]]
+CORE_VARIANTS = ["mean", "ridge", "mlp", "paper", "nh2st+"]
+SWITCH_VARIANTS = [f"paper+{name}" for name in SWITCHES]
 TEST_METRICS = ("pcc_mean", "pcc_per_slide", "R", "hvg50_pcc", "mse", "mae")
 VALIDATION_METRICS = {"pcc_mean": "val_pcc", "R": "val_R", "mse": "val_loss"}
 
@@ -93,10 +98,9 @@ def selected_row(fold_dir: Path, best_epoch: int) -> dict:
     return next(row for row in history if row["epoch"] == best_epoch)
 
 
-def run_seed(store: Path, config: Path, variant: str, seed: int, runs_dir: Path, report: str,
-             show_progress: bool) -> dict:
+def run_seed(store: Path, variant: str, seed: int, runs_dir: Path, report: str, show_progress: bool) -> dict:
     """Train and score all folds of one variant with one seed; fold-mean of each metric plus the folds."""
-    kind, overrides, _ = VARIANTS[variant]
+    kind, config, overrides, _ = VARIANTS[variant]
     cfg = load_config(config, [*overrides, f"GENERAL.seed={seed}"])
     out_dir = runs_dir / variant.replace(":", "-").replace("+", "plus") / f"seed-{seed}"
     started = time.perf_counter()
@@ -119,6 +123,38 @@ def run_seed(store: Path, config: Path, variant: str, seed: int, runs_dir: Path,
     return {"seed": seed, "seconds": seconds, **means, "folds": folds}
 
 
+MLP_GRID = [dict(hidden=256, dropout=0.2, weight_decay=1e-2), dict(hidden=256, dropout=0.5, weight_decay=1e-1),
+            dict(hidden=256, dropout=0.7, weight_decay=1e-1), dict(hidden=256, dropout=0.9, weight_decay=1e-1),
+            dict(hidden=512, dropout=0.8, weight_decay=1e-1), dict(hidden=256, dropout=0.9, weight_decay=1e-1, epochs=30)]
+
+
+def tune_mlp(store: Path, config: Path, console: Console) -> None:
+    """Validation PCC and MSE of the MLP probe per setting, averaged over folds; test slides never loaded."""
+    import torch
+
+    from nh2st.baselines import fit_mlp
+    from nh2st.store import EmbeddingStore, load_spots
+    from nh2st.training.data import fold_split_ids, store_folds
+
+    opened = EmbeddingStore.open(store)
+    cfg = load_config(config, ["GENERAL.seed=0"])
+    folds = []
+    for fold in store_folds(opened):
+        ids, _ = fold_split_ids(fold, cfg, "default")
+        arrays = {name: load_spots(opened, ids[name], ("features", "targets")) for name in ("train", "val")}
+        folds.append({name: (a["features"].astype(np.float32).mean(axis=(2, 3)), a["targets"])
+                      for name, a in arrays.items()})
+    table = Table(title="MLP probe settings on validation slides (seed 0's carve, mean over folds)")
+    for name in ("setting", "val PCC", "val MSE"):
+        table.add_column(name, justify="left" if name == "setting" else "right")
+    for setting in MLP_GRID:
+        scores = [metrics.score(fit_mlp(*f["train"], seed=0, **setting).predict(torch.tensor(f["val"][0])).numpy(),
+                                f["val"][1], list(opened.meta.genes)) for f in folds]
+        table.add_row(", ".join(f"{k} {v}" for k, v in setting.items()),
+                      f"{np.mean([s['pcc_mean'] for s in scores]):.3f}", f"{np.mean([s['mse'] for s in scores]):.4f}")
+    console.print(table)
+
+
 def summarise(per_seed: list[dict], keys) -> dict:
     return {k: metrics.mean_std([s[k] for s in per_seed]) for k in (*keys, "seconds")}
 
@@ -131,13 +167,12 @@ def fmt(stats: dict | None, digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def results_table(results: dict, ceiling: dict | None, seeds: list[int], report: str) -> Table:
+def results_table(results: dict, ceiling: dict | None, report: str) -> Table:
     where = "test folds" if report == "test" else "VALIDATION slides at the selected epoch (tuning view)"
-    table = Table(title=f"demo quality, default protocol, {where}, seeds {' '.join(map(str, seeds))} "
-                        "(mean ± std over seeds of the fold mean)")
+    table = Table(title=f"demo quality, default protocol, {where} (mean ± std over seeds of the fold mean)")
     columns = (["PCC", "PCC per slide", "% ceiling", "R top-50", "HVG-50", "MSE", "MSE / mean", "MAE"]
                if report == "test" else ["PCC", "R top-50", "MSE", "MSE / mean"])
-    for name in ("variant", *columns, "best epoch", "s / seed"):
+    for name in ("variant", "seeds", *columns, "best epoch", "s / seed"):
         table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=name == "variant")
     mean_mse = results.get("mean", {}).get("summary", {}).get("mse", {}).get("mean")
     noise = ceiling.get("noise_ceiling_pcc") if ceiling else None
@@ -152,11 +187,11 @@ def results_table(results: dict, ceiling: dict | None, seeds: list[int], report:
                      fmt(s["mse"]), ratio, fmt(s["mae"])]
         else:
             cells = [fmt(s["pcc_mean"]), fmt(s["R"]), fmt(s["mse"]), ratio]
-        table.add_row(VARIANTS[variant][2], *cells,
+        table.add_row(VARIANTS[variant][3], " ".join(str(seed["seed"]) for seed in result["seeds"]), *cells,
                       f"{np.mean(epochs):.1f}" if result["kind"] == "nh2st" else "—", fmt(s["seconds"], 0))
     if noise and report == "test":
         cells = ["—", f"{noise:.3f}", "100 %"] + ["—"] * (len(columns) - 3)
-        table.add_row("noise ceiling (generator, per slide)", *cells, "—", "—", style="italic")
+        table.add_row("noise ceiling (generator, per slide)", "", *cells, "—", "—", style="italic")
     table.caption = ("PCC: mean over genes, pooled over a fold's test slides; PCC per slide: within-slide, mean over "
                      "slides (comparable with the noise ceiling, which is per slide); R top-50: mean of the 50 best "
                      "genes (picked on the scored slides: optimistic); HVG-50: 50 most variable training genes; "
@@ -169,17 +204,22 @@ def main(argv=None) -> int:
     parser.add_argument("--store", type=Path, default=ROOT / "stores" / "demo.zarr")
     parser.add_argument("--data-root", type=Path, default=ROOT / "data" / "demo",
                         help="the generated demo (its demo.json holds the noise ceiling)")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GENERAL.seed values")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=CORE_VARIANTS + SWITCH_VARIANTS)
+    parser.add_argument("--switch-seeds", type=int, nargs="+", default=None,
+                        help="GENERAL.seed values for the paper+<switch> variants (default: --seeds)")
     parser.add_argument("--report", choices=("test", "validation"), default="test")
     parser.add_argument("--runs-dir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--tune-mlp", action="store_true", help="only the MLP probe's settings, on validation")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also save the results here")
     args = parser.parse_args(argv)
 
     console = Console(width=None if sys.stdout.isatty() else 200)   # logs keep the table's columns
     ensure_store(args.store, args.data_root)
+    if args.tune_mlp:
+        tune_mlp(args.store, RECOMMENDED, console)
+        return 0
     tmp = tempfile.TemporaryDirectory(prefix="nh2st-quality-") if args.runs_dir is None else None
     runs_dir = Path(tmp.name) if tmp else args.runs_dir
     keys = TEST_METRICS if args.report == "test" else tuple(VALIDATION_METRICS)
@@ -188,22 +228,23 @@ def main(argv=None) -> int:
     try:
         for variant in args.variants:
             per_seed = []
-            for seed in args.seeds:
+            seeds = args.switch_seeds if variant in SWITCH_VARIANTS and args.switch_seeds else args.seeds
+            for seed in seeds:
                 console.print(f"{variant} seed {seed} ...", highlight=False)
-                per_seed.append(run_seed(args.store, args.config, variant, seed, runs_dir, args.report,
-                                         not args.no_progress))
-            results[variant] = {"kind": VARIANTS[variant][0], "overrides": VARIANTS[variant][1],
+                per_seed.append(run_seed(args.store, variant, seed, runs_dir, args.report, not args.no_progress))
+            results[variant] = {"kind": VARIANTS[variant][0], "config": str(VARIANTS[variant][1]),
+                                "overrides": VARIANTS[variant][2],
                                 "summary": summarise(per_seed, keys), "seeds": per_seed}
     finally:
         if tmp:
             tmp.cleanup()
     demo_json = args.data_root / "demo.json"
     ceiling = json.loads(demo_json.read_text()) if demo_json.is_file() else None
-    console.print(results_table(results, ceiling, args.seeds, args.report))
+    console.print(results_table(results, ceiling, args.report))
     wall = time.perf_counter() - started
     console.print(f"wall time {wall:.0f} s", highlight=False)
     if args.json:
-        report = {"store": str(args.store), "config": str(args.config), "protocol": "default", "report": args.report,
+        report = {"store": str(args.store), "protocol": "default", "report": args.report,
                   "seeds": args.seeds, "wall_seconds": wall, "variants": results, "generator": ceiling}
         args.json.write_text(json.dumps(metrics.to_json(report), indent=2) + "\n")
     return 0

@@ -90,8 +90,9 @@ class MLPProbe:
         return cls(kind, {k: v.float() for k, v in state.items()})
 
 
-# Chosen on the demo's validation slides (benchmarks/quality.py --tune-mlp), never on a test fold.
-MLP_HIDDEN, MLP_EPOCHS, MLP_BATCH, MLP_LR, MLP_WEIGHT_DECAY, MLP_DROPOUT = 256, 60, 128, 1e-3, 1e-2, 0.2
+# Chosen on the demo's validation slides (`python benchmarks/quality.py --tune-mlp`), never on a test fold:
+# heavy dropout on the hidden layer mattered most (validation PCC 0.365 at 0.2, 0.445 at 0.9).
+MLP_HIDDEN, MLP_EPOCHS, MLP_BATCH, MLP_LR, MLP_WEIGHT_DECAY, MLP_DROPOUT = 256, 60, 128, 1e-3, 1e-1, 0.9
 
 
 def fit_mlp(pooled: np.ndarray, targets: np.ndarray, seed: int = 0, hidden: int = MLP_HIDDEN,

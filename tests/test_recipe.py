@@ -11,6 +11,7 @@ from nh2st.config import PRESETS, load_config
 from nh2st.errors import NH2STError
 from nh2st.expression import TARGET_RANGE
 from nh2st.model import NH2ST
+from nh2st.model.nh2st import OUTPUT_WEIGHT_SCALE
 from nh2st.predictor import Predictor
 from nh2st.store import EmbeddingStore, StoreMeta
 from nh2st.training import FoldSpots, fit, train_fold
@@ -26,7 +27,7 @@ SMALL = ["MODEL.emb_dim=32", "MODEL.num_heads1=4", "MODEL.hypergraph_dim=32", "M
          "TRAINING.early_stopping.patience=30", "TRAINING.eval_batch_size=64"]
 RECIPE_KEYS = {"TRAINING.weight_decay": 0.0, "TRAINING.early_stopping.min_delta": 0.0,
                "TRAINING.early_stopping.tie_break": "none", "TRAINING.lr_scheduler.name": "step",
-               "TRAINING.lr_scheduler.warmup_epochs": 0.0, "MODEL.decoder_bias_init": "default",
+               "TRAINING.lr_scheduler.warmup_epochs": 0.0, "MODEL.decoder_init": "default",
                "MODEL.clip_output": False}
 
 
@@ -47,14 +48,14 @@ def test_paper_configs_keep_every_recipe_key_off(name):
 
 def test_preset_fills_the_keys_the_file_and_set_do_not_write(tmp_path):
     plus = load_config(None, ["MODEL.preset=nh2st+"])
-    assert plus.MODEL.decoder_bias_init == "mean" and plus.MODEL.clip_output
-    assert plus.TRAINING.lr_scheduler.name == "cosine" and plus.TRAINING.weight_decay > 0
+    assert plus.MODEL.decoder_init == "mean" and plus.MODEL.clip_output
+    assert plus.TRAINING.lr_scheduler.name == "cosine" and plus.TRAINING.lr_scheduler.warmup_epochs > 0
     assert plus.TRAINING.early_stopping.tie_break == "mse"
     assert {k: key(plus, k) for k in RECIPE_KEYS} != RECIPE_KEYS
     # the paper's dataset file writes monitor R: that stays, the recipe keys it does not write follow the preset
     stnet = load_config(CONFIGS / "stnet.yaml", ["MODEL.preset=nh2st+", "TRAINING.weight_decay=0.5"])
     assert stnet.TRAINING.early_stopping.monitor == "R" and stnet.TRAINING.batch_size == 8
-    assert stnet.TRAINING.weight_decay == 0.5 and stnet.MODEL.decoder_bias_init == "mean"
+    assert stnet.TRAINING.weight_decay == 0.5 and stnet.MODEL.decoder_init == "mean"
     # a saved config writes every key, so it reloads to the same values whatever the preset's defaults become
     from nh2st.config import save_config
     save_config(stnet, tmp_path / "saved.yaml")
@@ -141,8 +142,11 @@ def test_decoder_bias_starts_at_the_training_mean_and_clipping_bounds_prediction
     torch.manual_seed(0)
     model = NH2ST(5, (4, 3, 3), emb_dim=16, num_heads=4, hypergraph_dim=24, decoder_dim=8)
     mean = torch.tensor([0.5, 1.0, 2.0, 3.0, 3.9])
-    model.init_output_bias(mean)
+    weight = model.decoder[-1].weight.detach().clone()
+    model.init_decoder_at_mean(mean)
     torch.testing.assert_close(model.decoder[-1].bias.detach(), mean)
+    torch.testing.assert_close(model.decoder[-1].weight.detach(), weight * OUTPUT_WEIGHT_SCALE)
+    assert OUTPUT_WEIGHT_SCALE < 1
     with torch.no_grad():
         model.decoder[-1].bias.fill_(-1.0)                             # force predictions below the range
         model.decoder[-1].bias[0] = 9.0                                # and one gene above it

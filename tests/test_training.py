@@ -223,8 +223,10 @@ def test_demo_config_is_found_and_valid():
     path = default_config_path("demo")
     assert path is not None and path.name == "demo.yaml"
     cfg = load_config(path)
-    assert cfg.TRAINING.num_epochs > 0 and cfg.MODEL.predict_from == "query"
+    assert cfg.TRAINING.num_epochs > 0 and cfg.MODEL.preset == "nh2st+"       # the recommended configuration
     assert math.isclose(cfg.MODEL.loss_ratio2, 0.5)
+    paper = load_config(path.with_name("demo-paper.yaml"))                       # paper mode on the demo
+    assert paper.MODEL.preset == "paper" and paper.MODEL.predict_from == "query"
 
 
 def test_module_entry_point_trains_a_fold(store_path, tmp_path):

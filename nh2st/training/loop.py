@@ -11,7 +11,7 @@ The recipe keys (nh2st.config, all off in paper mode): TRAINING.weight_decay (ne
 norm weights, so a decoder bias started at the training mean is not pulled to 0);
 TRAINING.lr_scheduler name/warmup_epochs (paper: StepLR once per epoch; with a warm-up or the
 cosine schedule the learning rate is set before every optimizer step); the selection rule
-(`Selection`: monitor, min_delta, MSE tie-break); MODEL.decoder_bias_init=mean.
+(`Selection`: monitor, min_delta, MSE tie-break); MODEL.decoder_init=mean.
 """
 
 import math
@@ -179,8 +179,8 @@ def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[
     train_rows = spots.split["train"]
     if len(train_rows) == 0:
         raise NH2STError(f"{run_dir}: the fold has no training spots")
-    if cfg.MODEL.decoder_bias_init == "mean":
-        model.init_output_bias(spots.targets[train_rows].mean(0))
+    if cfg.MODEL.decoder_init == "mean":
+        model.init_decoder_at_mean(spots.targets[train_rows].mean(0))
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / t.batch_size)
     optimizer = make_optimizer(model, t)
     scheduler, per_step = make_scheduler(optimizer, t, steps_per_epoch)

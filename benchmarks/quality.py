@@ -17,6 +17,9 @@ scored once. Variants:
     paper+<switch>        paper mode plus one switch, at the value nh2st+ uses (SWITCHES): the recipe's
                           decoder-init, selection, schedule, clip; weight-decay (tried, not in nh2st+);
                           and the demo's choices batch-32 and query+neighbors
+    nh2st+:views8         nh2st+ on --views-store, a store extracted with `--views 8`: each target spot's
+                          query map is one of its 8 dihedral views, drawn per epoch (TRAINING.augment);
+                          the table's caption gives both stores' sizes
 
 `--report test` (default) scores the test folds: PCC pooled over each fold's test slides (as
 training reports it) and per slide (within-slide, mean over test slides: the quantity the
@@ -43,6 +46,7 @@ from rich.table import Table
 from nh2st import metrics
 from nh2st.config import PRESETS, load_config
 from nh2st.evaluate import evaluate_fold
+from nh2st.extract import disk_bytes
 from nh2st.training import train_folds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,17 +83,19 @@ VARIANTS = {   # name -> (model kind, config file, overrides, label)
     "nh2st+": ("nh2st", RECOMMENDED, [], "NH²2ST nh2st+ (recommended, configs/demo.yaml)"),
     **{f"paper+{name}": ("nh2st", PAPER, keys, f"paper mode + {name}") for name, keys in SWITCHES.items()},
 }
+VARIANTS["nh2st+:views8"] = ("nh2st", RECOMMENDED, [], "NH²2ST nh2st+ on the --views 8 store (augmented)")
+VIEWS_VARIANTS = {"nh2st+:views8": 8}    # variants trained on --views-store, and its number of views
 CORE_VARIANTS = ["mean", "ridge", "mlp", "paper", "nh2st+"]
 SWITCH_VARIANTS = [f"paper+{name}" for name in SWITCHES]
 TEST_METRICS = ("pcc_mean", "pcc_per_slide", "R", "hvg50_pcc", "mse", "mae")
 VALIDATION_METRICS = {"pcc_mean": "val_pcc", "R": "val_R", "mse": "val_loss"}
 
 
-def ensure_store(store: Path, data_root: Path) -> None:
+def ensure_store(store: Path, data_root: Path, views: int = 1) -> None:
     if store.exists():
         return
     from nh2st.extract import run_extract   # stage one only when the store is missing
-    run_extract("demo", data_root=data_root, store_path=store)
+    run_extract("demo", data_root=data_root, store_path=store, views=views)
 
 
 def selected_row(fold_dir: Path, best_epoch: int) -> dict:
@@ -202,10 +208,13 @@ def results_table(results: dict, ceiling: dict | None, report: str) -> Table:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=ROOT / "stores" / "demo.zarr")
+    parser.add_argument("--views-store", type=Path, default=ROOT / "stores" / "demo-views8.zarr",
+                        help="the demo extracted with --views 8, for nh2st+:views8 (extracted here if missing)")
     parser.add_argument("--data-root", type=Path, default=ROOT / "data" / "demo",
                         help="the generated demo (its demo.json holds the noise ceiling)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GENERAL.seed values")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=CORE_VARIANTS + SWITCH_VARIANTS)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        default=CORE_VARIANTS + list(VIEWS_VARIANTS) + SWITCH_VARIANTS)
     parser.add_argument("--switch-seeds", type=int, nargs="+", default=None,
                         help="GENERAL.seed values for the paper+<switch> variants (default: --seeds)")
     parser.add_argument("--report", choices=("test", "validation"), default="test")
@@ -217,6 +226,8 @@ def main(argv=None) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 200)   # logs keep the table's columns
     ensure_store(args.store, args.data_root)
+    if any(v in VIEWS_VARIANTS for v in args.variants):
+        ensure_store(args.views_store, args.data_root, views=8)
     if args.tune_mlp:
         tune_mlp(args.store, RECOMMENDED, console)
         return 0
@@ -231,7 +242,8 @@ def main(argv=None) -> int:
             seeds = args.switch_seeds if variant in SWITCH_VARIANTS and args.switch_seeds else args.seeds
             for seed in seeds:
                 console.print(f"{variant} seed {seed} ...", highlight=False)
-                per_seed.append(run_seed(args.store, variant, seed, runs_dir, args.report, not args.no_progress))
+                store = args.views_store if variant in VIEWS_VARIANTS else args.store
+                per_seed.append(run_seed(store, variant, seed, runs_dir, args.report, not args.no_progress))
             results[variant] = {"kind": VARIANTS[variant][0], "config": str(VARIANTS[variant][1]),
                                 "overrides": VARIANTS[variant][2],
                                 "summary": summarise(per_seed, keys), "seeds": per_seed}
@@ -240,11 +252,15 @@ def main(argv=None) -> int:
             tmp.cleanup()
     demo_json = args.data_root / "demo.json"
     ceiling = json.loads(demo_json.read_text()) if demo_json.is_file() else None
-    console.print(results_table(results, ceiling, args.report))
+    table = results_table(results, ceiling, args.report)
+    stores = {"store": args.store, **({"views_store": args.views_store} if any(v in VIEWS_VARIANTS for v in results) else {})}
+    sizes = {name: disk_bytes(path) for name, path in stores.items()}
+    table.caption += "; store size: " + ", ".join(f"{stores[name].name} {size / 1e6:.1f} MB" for name, size in sizes.items())
+    console.print(table)
     wall = time.perf_counter() - started
     console.print(f"wall time {wall:.0f} s", highlight=False)
     if args.json:
-        report = {"store": str(args.store), "protocol": "default", "report": args.report,
+        report = {"store": str(args.store), "store_bytes": sizes, "protocol": "default", "report": args.report,
                   "seeds": args.seeds, "wall_seconds": wall, "variants": results, "generator": ceiling}
         args.json.write_text(json.dumps(metrics.to_json(report), indent=2) + "\n")
     return 0

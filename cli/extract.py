@@ -59,6 +59,9 @@ def register(app: typer.Typer) -> None:
                                               "named <sample>.<ext> (default: the image next to each outs/)"),
         mpp: float | None = typer.Option(None, "--mpp", help="visium/hest: level-0 µm per pixel of the slides "
                                          "(default: read from each image file)"),
+        views: int = typer.Option(1, "--views", help="dihedral views of each patch to encode: 1, 4 (rotations) or "
+                                  "8 (rotations and mirror images); training draws one per target spot per epoch "
+                                  "(the released code's flips and rotations), at 4x or 8x the encoder's work"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="log each sample to stderr"),
     ) -> None:
         """Encode every spot's patch once with the frozen ResNet18 into a resumable Zarr store."""
@@ -70,7 +73,8 @@ def register(app: typer.Typer) -> None:
                                   samples=(split_values(samples) or None), device=device, batch_size=batch_size,
                                   overwrite=overwrite, allow_missing_genes=allow_missing_genes, workers=workers,
                                   genes=genes, image_dir=image_dir, mpp=mpp,
-                                  devices=[f"cuda:{g}" for g in split_values(gpus)] or None, scheduler=scheduler)
+                                  devices=[f"cuda:{g}" for g in split_values(gpus)] or None, scheduler=scheduler,
+                                  views=views)
         if summary["up_to_date"]:
             stderr.print(f"{summary['store']}: up to date, all {summary['n_skipped']} samples already "
                          "extracted; nothing to do", highlight=False)
@@ -78,7 +82,7 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"{summary['dataset']} -> {summary['store']}")
         several = len({row.get("device") for row in summary["samples"] if row["status"] == "extracted"}) > 1
         columns = [("sample", "left"), ("status", "left")] + ([("device", "left")] if several else []) + \
-                  [("spots", "right"), ("seconds", "right"), ("patches/s", "right")]
+                  [("spots", "right"), ("seconds", "right"), ("spots/s", "right")]
         for name, justify in columns:
             table.add_column(name, justify=justify)
         for row in summary["samples"]:
@@ -89,7 +93,8 @@ def register(app: typer.Typer) -> None:
                           f"{row['seconds']:.1f}" if extracted else "", f"{row['patches_per_s']:.0f}" if extracted else "")
         if summary["spots_extracted"]:
             rate = summary["patches_per_s"] or 0
-            table.caption = (f"{summary['spots_extracted']:,} spots at {rate:.0f} patches/s on "
+            per_spot = f" ({summary['views']} views each)" if summary.get("views", 1) > 1 else ""
+            table.caption = (f"{summary['spots_extracted']:,} spots{per_spot} at {rate:.0f} spots/s on "
                              f"{summary['device']} ({summary['precision']}), weights {summary['weights']}; "
                              f"store {_size(summary['store_bytes'])}")
         Console().print(table)
@@ -113,6 +118,7 @@ def register(app: typer.Typer) -> None:
             ("patch size", attrs.get("patch_size")),
             ("feature shape", "x".join(map(str, attrs.get("feature_shape", [])))),
             ("neighbours k", attrs.get("neighbors_k")),
+            ("views per patch", attrs.get("views", 1)),
             ("genes", f"{len(genes)} ({', '.join(genes[:5])}{', ...' if len(genes) > 5 else ''})"),
             ("genes chosen", attrs.get("gene_selection", {}).get("how", "not recorded (the dataset's shipped list)")),
             ("normalisation", ", ".join(f"{k}: {v}" for k, v in attrs.get("normalisation", {}).items())),

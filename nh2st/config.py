@@ -84,6 +84,7 @@ class Training:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     val_fraction: float = 0.15
+    augment: bool = True           # a store made with --views V: each target spot's map is one of its V views, drawn per epoch
 
 
 @dataclass

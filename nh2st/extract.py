@@ -45,6 +45,7 @@ from nh2st.paper import NEIGHBORS_K
 from nh2st.progress import make_progress
 from nh2st.stages import stage
 from nh2st.store import FEATURE_CHUNK_SPOTS, SUMMARY_FILE, EmbeddingStore, SampleClaims, StoreMeta, store_state
+from nh2st.views import VIEW_COUNTS, dihedral
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,13 @@ class _FeatureWrites:
     def __init__(self, writer, max_spots: int):
         self._writer = writer
         self._max_spots = max_spots
-        self._queued: list[tuple[np.ndarray, np.ndarray]] = []
+        self._queued: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
         self._spots = 0
         self._running = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="nh2st-write")
 
-    def add(self, maps: np.ndarray, pooled: np.ndarray) -> None:
-        self._queued.append((maps, pooled))
+    def add(self, maps: np.ndarray, pooled: np.ndarray, views: np.ndarray | None = None) -> None:
+        self._queued.append((maps, pooled, views))
         self._spots += len(maps)
         if self._running is None or self._running.done() or self._spots >= self._max_spots:
             self._start_next()
@@ -136,11 +137,10 @@ class _FeatureWrites:
     def _write(self, batches) -> None:
         with stage("compress + write features"):
             if len(batches) == 1:
-                maps, pooled = batches[0]
+                maps, pooled, views = batches[0]
             else:
-                maps = np.concatenate([m for m, _ in batches])
-                pooled = np.concatenate([p for _, p in batches])
-            self._writer.write_features(maps, pooled)
+                maps, pooled, views = (None if parts[0] is None else np.concatenate(parts) for parts in zip(*batches))
+            self._writer.write_features(maps, pooled, views)
 
     def close(self) -> None:
         """Write what is queued and wait; `abort` instead when the sample failed."""
@@ -154,13 +154,15 @@ class _FeatureWrites:
 
 
 def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecutor, batch_size: int,
-                  prefetch: int, on_batch=None) -> None:
+                  prefetch: int, on_batch=None, views: int = 1) -> None:
     """Crop (in `pool`), encode and write every spot of `sample` in order.
 
     `prefetch` batches are cropped ahead in `pool` (:func:`crop_batch`); each batch is submitted to
     the encoder before the previous one's result is awaited, so the device always has the next
     batch queued (and on CUDA its copy overlaps the previous forward); results go to
-    :class:`_FeatureWrites`. A crop error (a corrupt tile) names the sample.
+    :class:`_FeatureWrites`. A crop error (a corrupt tile) names the sample. views > 1: each batch
+    is also encoded in dihedral views 1..views-1 (nh2st.views), turned where the batch is (on the
+    encoder's device on CUDA), and written to the sample's `views` array.
     """
     n = sample.n_spots
     starts = iter(range(0, n, batch_size))
@@ -175,9 +177,18 @@ def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecut
             xy = sample.pixel_xy[start:start + batch_size]
             crops.append(pool.submit(crop_batch, sample.slide, xy, encoder, spare))
 
-    def finish(encoded) -> None:
-        maps, pooled = encoded.result()
-        writes.add(maps, pooled)
+    def submit(patches) -> list:
+        """The batch's encoded views, identity first."""
+        if views == 1:
+            return [encoder.submit(patches)]
+        if encoder.device.type == "cuda" and not patches.is_cuda:
+            patches = patches.to(encoder.device, non_blocking=True)   # turned on the device, copied once
+        return [encoder.submit(patches)] + [encoder.submit(dihedral(patches, v)) for v in range(1, views)]
+
+    def finish(encoded: list) -> None:
+        maps, pooled = encoded[0].result()
+        others = np.stack([e.result()[0] for e in encoded[1:]], axis=1) if len(encoded) > 1 else None
+        writes.add(maps, pooled, others)
         if on_batch is not None:
             on_batch(len(maps))
 
@@ -194,7 +205,7 @@ def encode_sample(sample, encoder: FrozenEncoder, writer, pool: ThreadPoolExecut
                     name = getattr(sample, "id", None)
                     raise (NH2STError(f"sample {name}: {exc}") if name else exc) from None
             crop_next()
-            encoded.append(encoder.submit(patches))
+            encoded.append(submit(patches))
             if spare is not None:
                 spare.append(patches)
             del patches
@@ -225,6 +236,7 @@ class ExtractJob:
     workers: int | None = None       # crop threads per encoder; None: chosen per device
     encoders_per_machine: int = 1    # encoders sharing this machine's cores (--gpus)
     gene_selection: dict | None = None   # how `genes` was chosen (choose_genes)
+    views: int = 1                   # dihedral views encoded per patch (nh2st.views.VIEW_COUNTS)
     image_dir: str | None = None     # reader options of own data (visium, hest)
     mpp: float | None = None
 
@@ -235,7 +247,8 @@ class ExtractJob:
         return StoreMeta(dataset=self.dataset, genes=self.genes, backbone=encoder.name, weights=encoder.weights,
                          weights_sha256=encoder.weights_sha256, patch_size=encoder.patch_size,
                          feature_shape=encoder.feature_shape, neighbors_k=NEIGHBORS_K,
-                         normalisation=dict(NORMALISATION), gene_selection=self.gene_selection or {})
+                         normalisation=dict(NORMALISATION), gene_selection=self.gene_selection or {},
+                         views=self.views)
 
     def batch_and_workers(self, encoder: FrozenEncoder) -> tuple[int, int]:
         if self.workers is not None:
@@ -251,7 +264,7 @@ def run_extract(dataset: str, data_root=None, store_path=None, weights=None, sam
                 device: str = "auto", batch_size: int | None = None, overwrite: bool = False,
                 allow_missing_genes: bool = False, workers: int | None = None,
                 progress: bool = True, genes: str | None = None, image_dir=None, mpp: float | None = None,
-                devices: list[str] | None = None, scheduler: str | None = None) -> dict:
+                devices: list[str] | None = None, scheduler: str | None = None, views: int = 1) -> dict:
     """Build or complete the embedding store of `dataset`; returns (and saves) a run summary.
 
     data_root: default the dataset's (`data/...`); store_path: default `stores/<dataset>.zarr`;
@@ -262,7 +275,8 @@ def run_extract(dataset: str, data_root=None, store_path=None, weights=None, sam
     writing (status "claimed"); a store made with other weights, genes or patch size is refused
     unless `overwrite`. devices: one encoder per device (`["cuda:0", "cuda:1"]`), each in a worker
     process of a local dask cluster; scheduler: address of a dask.distributed scheduler whose
-    workers share the data, weights and store paths.
+    workers share the data, weights and store paths. views: 1, 4 or 8 dihedral views of each patch
+    (nh2st.views; training draws one per target spot per epoch), at 1x, 4x or 8x the encoder's work.
     """
     spec = get_dataset(dataset).with_options(image_dir=image_dir, mpp=mpp)
     root = Path(data_root if data_root is not None else spec.data_root)
@@ -275,13 +289,17 @@ def run_extract(dataset: str, data_root=None, store_path=None, weights=None, sam
         raise NH2STError(f"--batch-size {batch_size}: must be at least 1")
     if workers is not None and workers < 1:
         raise NH2STError(f"--workers {workers}: must be at least 1")
+    if views not in VIEW_COUNTS:
+        raise NH2STError(f"--views {views}: use one of {', '.join(map(str, VIEW_COUNTS))} (the patch as it is, "
+                         "its 4 rotations, or all 8 rotations and mirror images)")
     if devices and scheduler:
         raise NH2STError("--gpus and --scheduler: pick one (a cluster's workers each use their own device)")
     job = ExtractJob(dataset=spec.name, root=root, store_path=store_path,
                      weights=str(weights if weights is not None else default_weights(spec.name)),
                      genes=tuple(genes), allow_missing_genes=allow_missing_genes, batch_size=batch_size,
                      workers=workers, encoders_per_machine=len(devices) if devices else 1,
-                     gene_selection=gene_selection, image_dir=None if image_dir is None else str(image_dir), mpp=mpp)
+                     gene_selection=gene_selection, image_dir=None if image_dir is None else str(image_dir), mpp=mpp,
+                     views=views)
     started = time.time()
     if devices or scheduler:
         rows, setup = _run_on_cluster(job, sample_ids, device, devices, scheduler, overwrite, progress)
@@ -295,7 +313,7 @@ def run_extract(dataset: str, data_root=None, store_path=None, weights=None, sam
     meta = EmbeddingStore.open(store_path).meta
     summary = {
         "dataset": spec.name, "store": str(store_path), "data_root": str(root),
-        "backbone": meta.backbone, "weights": meta.weights, "weights_sha256": meta.weights_sha256,
+        "backbone": meta.backbone, "weights": meta.weights, "weights_sha256": meta.weights_sha256, "views": meta.views,
         "device": ", ".join(dict.fromkeys(r["device"] for r in done)) or setup.get("device"),
         "precision": ", ".join(dict.fromkeys(r["precision"] for r in done)) or setup.get("precision"),
         "batch_size": setup.get("batch_size", batch_size), "workers": setup.get("workers", workers),
@@ -368,7 +386,7 @@ def _run_here(job: ExtractJob, sample_ids: list[str], device: str, overwrite: bo
                     with claim:  # complete by now if another writer finished it meanwhile
                         rows[sid] = _skipped(store, sid) if store.is_complete(sid) else _timed(
                             _extract_sample, spec, job.root, sid, list(job.genes), job.allow_missing_genes,
-                            store, encoder, pool, workers, batch_size, bar)
+                            store, encoder, pool, workers, batch_size, bar, job.views)
                 bar.advance(overall)
     finally:
         if first is not None:
@@ -407,7 +425,7 @@ def choose_genes(spec, root, sample_ids, genes: str | None, store_path, overwrit
 
 
 def _extract_sample(spec, root, sample_id, genes, allow_missing_genes, store, encoder, pool, workers,
-                    batch_size, bar) -> dict:
+                    batch_size, bar, views: int = 1) -> dict:
     """Read, encode and write one sample whose claim the caller holds; commits it last."""
     sample = spec.load_sample(root, sample_id, genes, allow_missing_genes)
     try:
@@ -427,7 +445,7 @@ def _extract_sample(spec, root, sample_id, genes, allow_missing_genes, store, en
         writer.write_array("neighbors", neighbors)
         task = bar.add_task(sample_id, total=sample.n_spots)
         encode_sample(sample, encoder, writer, pool, batch_size, prefetch=workers + 1,
-                      on_batch=lambda k: bar.advance(task, k))
+                      on_batch=lambda k: bar.advance(task, k), views=views)
         image, scale = sample.slide.thumbnail()
         writer.write_thumbnail(image, scale)
         writer.commit()
@@ -528,7 +546,7 @@ def _extract_task(job: ExtractJob, sample_id: str, device: str, devices: list[st
         with EmbeddingStore.open_for_writing(job.store_path, job.meta(encoder)) as store, \
                 ThreadPoolExecutor(workers, thread_name_prefix="nh2st-crop") as pool:
             return _timed(_extract_sample, job.spec(), job.root, sample_id, list(job.genes),
-                          job.allow_missing_genes, store, encoder, pool, workers, batch_size, bar)
+                          job.allow_missing_genes, store, encoder, pool, workers, batch_size, bar, job.views)
 
 
 def describe_store(path: str | Path) -> dict:

@@ -12,6 +12,8 @@ Layout (see docs/store.md for the full schema)::
       .trash/                   samples and stores being deleted (renamed here first, then removed)
       samples/<sample id>/      one group per sample, attrs {"complete": bool, ...}
         features   (N, 512, 7, 7) float16   chunked along spots, Zstd level 1
+        views      (N, V-1, 512, 7, 7) float16  stores made with --views V > 1 only: the maps of the
+                                            spot's patch in dihedral views 1..V-1 (nh2st.views)
         pooled     (N, 512)       float32
         counts     (N, G)         float32   raw counts of the store's genes
         targets    (N, G)         float32   normalised, log10, grid-smoothed (nh2st.expression)
@@ -83,6 +85,7 @@ class StoreMeta:
     normalisation: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     gene_selection: dict = field(default_factory=dict)   # how `genes` were chosen (spec, how); not identity
+    views: int = 1          # dihedral views encoded per patch (nh2st.views); >1 adds the `views` array
 
     def __post_init__(self):
         object.__setattr__(self, "genes", tuple(self.genes))
@@ -563,18 +566,34 @@ class SampleWriter:
                                            config={"write_empty_chunks": True})
         self.pooled = group.create_array("pooled", shape=(n_spots, c), chunks=(chunk, c), dtype="float32",
                                          compressors=COMPRESSOR, config={"write_empty_chunks": True})
+        self.views = None
+        if store.meta.views > 1:
+            others = store.meta.views - 1
+            # at most a features chunk's maps per chunk, and whole chunks per features chunk
+            spots = next(d for d in range(max(1, chunk // others), 0, -1) if chunk % d == 0)
+            self.views = group.create_array(
+                "views", shape=(n_spots, others, c, h, w), chunks=(spots, others, c, h, w),
+                dtype="float16", compressors=COMPRESSOR, config={"write_empty_chunks": True})
         self._chunk = chunk
         self._pending_maps: list[np.ndarray] = []
         self._pending_pooled: list[np.ndarray] = []
+        self._pending_views: list[np.ndarray] = []
         self._written = 0  # spots flushed to disk
         self._buffered = 0
 
-    def write_features(self, maps: np.ndarray, pooled: np.ndarray) -> None:
-        """Append a batch (B, 512, 7, 7) maps and (B, 512) pooled vectors, in spot order."""
+    def write_features(self, maps: np.ndarray, pooled: np.ndarray, views: np.ndarray | None = None) -> None:
+        """Append a batch (B, 512, 7, 7) maps and (B, 512) pooled vectors, in spot order; a store
+        with V > 1 views also takes the other views' maps, (B, V-1, 512, 7, 7)."""
         if len(maps) != len(pooled):
             raise ValueError("maps and pooled must have the same number of rows")
+        if (views is None) != (self.views is None) or (views is not None and (
+                len(views) != len(maps) or views.shape[1:] != self.views.shape[1:])):
+            expected = "no views" if self.views is None else f"views of shape (B, {', '.join(map(str, self.views.shape[1:]))})"
+            raise ValueError(f"sample {self.sample_id}: the store holds {expected}")
         self._pending_maps.append(np.asarray(maps, dtype=np.float16))
         self._pending_pooled.append(np.asarray(pooled, dtype=np.float32))
+        if views is not None:
+            self._pending_views.append(np.asarray(views, dtype=np.float16))
         self._buffered += len(maps)
         if self._written + self._buffered > self.n_spots:
             raise ValueError(f"more feature rows than the sample's {self.n_spots} spots")
@@ -585,15 +604,21 @@ class SampleWriter:
         if not self._buffered:
             return
         # one pending batch (the extract loop joins its batches) is written as it is, not copied
-        maps = self._pending_maps[0] if len(self._pending_maps) == 1 else np.concatenate(self._pending_maps)
-        pooled = self._pending_pooled[0] if len(self._pending_pooled) == 1 else np.concatenate(self._pending_pooled)
+        def joined(pending: list[np.ndarray]) -> np.ndarray:
+            return pending[0] if len(pending) == 1 else np.concatenate(pending)
+
+        maps, pooled = joined(self._pending_maps), joined(self._pending_pooled)
+        views = joined(self._pending_views) if self.views is not None else None
         take = (len(maps) // self._chunk) * self._chunk if whole_chunks_only else len(maps)
         if take:
             sl = slice(self._written, self._written + take)
             self.features[sl] = maps[:take]
             self.pooled[sl] = pooled[:take]
+            if views is not None:
+                self.views[sl] = views[:take]
             self._written += take
         self._pending_maps, self._pending_pooled = [maps[take:]], [pooled[take:]]
+        self._pending_views = [views[take:]] if views is not None else []
         self._buffered = len(maps) - take
 
     def write_array(self, name: str, values: np.ndarray, chunks=None) -> None:
@@ -616,10 +641,11 @@ class SampleWriter:
         self._flush(whole_chunks_only=False)
         if self._written != self.n_spots:
             raise RuntimeError(f"sample {self.sample_id}: {self._written} of {self.n_spots} feature rows written")
-        missing = [name for name in SAMPLE_ARRAYS if name not in self.group]
+        required = SAMPLE_ARRAYS + (("views",) if self.views is not None else ())
+        missing = [name for name in required if name not in self.group]
         if missing:
             raise RuntimeError(f"sample {self.sample_id}: arrays not written: {', '.join(missing)}")
-        for name in SAMPLE_ARRAYS:
+        for name in required:
             if self.group[name].shape[0] != self.n_spots:
                 raise RuntimeError(f"sample {self.sample_id}: {name} has {self.group[name].shape[0]} "
                                    f"rows, expected {self.n_spots}")

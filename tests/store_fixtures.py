@@ -7,10 +7,13 @@ from nh2st.neighbors import knn_index
 
 
 def write_spots(store, sample_id: str, maps: np.ndarray, counts: np.ndarray, grid_xy: np.ndarray,
-                pixel_xy: np.ndarray, thumbnail: np.ndarray | None = None, thumbnail_scale: float = 0.02) -> None:
-    """One complete sample from feature maps (N, C, H, W) and raw counts (N, G), as extraction writes it."""
+                pixel_xy: np.ndarray, thumbnail: np.ndarray | None = None, thumbnail_scale: float = 0.02,
+                views: np.ndarray | None = None) -> None:
+    """One complete sample from feature maps (N, C, H, W) and raw counts (N, G), as extraction writes it;
+    a store made with V > 1 views also takes the other views' maps (N, V-1, C, H, W)."""
     writer = store.begin_sample(sample_id, len(maps))
-    writer.write_features(maps.astype(np.float16), maps.mean(axis=(2, 3)).astype(np.float32))
+    writer.write_features(maps.astype(np.float16), maps.mean(axis=(2, 3)).astype(np.float32),
+                          None if views is None else views.astype(np.float16))
     writer.write_array("counts", counts)
     writer.write_array("targets", process_expression(counts, grid_xy))
     writer.write_array("pixel_xy", pixel_xy)

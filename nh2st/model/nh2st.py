@@ -87,6 +87,10 @@ class NH2ST(nn.Module):
         self.feature_mean.copy_(mean.view(-1, 1, 1))
         self.feature_std.copy_(std.view(-1, 1, 1))
 
+    def normalise(self, maps: torch.Tensor) -> torch.Tensor:
+        """input_norm="channel": (maps - channel mean) / channel std, in the maps' dtype."""
+        return ((maps - self.feature_mean) / self.feature_std).to(maps.dtype)
+
     @torch.no_grad()
     def init_decoder_at_mean(self, mean: torch.Tensor) -> None:
         """Start the prediction at the training targets' per-gene mean (G,) (MODEL.decoder_init=mean).
@@ -109,13 +113,15 @@ class NH2ST(nn.Module):
         return hypergraph_operator(maps.flatten(1)[neighbors], self.hyperedge_k)
 
     def forward(self, maps: torch.Tensor, neighbors: torch.Tensor, operator: torch.Tensor | None = None,
-                expression: torch.Tensor | None = None) -> dict:
+                expression: torch.Tensor | None = None, query_maps: torch.Tensor | None = None) -> dict:
         """Embeddings and prediction for a batch of B target spots.
 
         maps (U, C, H, W): the maps of every spot the batch touches, each once;
         neighbors (B, k) int64: rows of `maps` forming each target's neighbourhood, the target first;
         operator (B, k, k): the neighbourhoods' hypergraph operators (computed from `maps` if None);
-        expression (U, G): targets of the same rows as `maps`, for training only.
+        expression (U, G): targets of the same rows as `maps`, for training only;
+        query_maps (B, C, H, W): the targets' own maps for the query branch, in place of
+        maps[neighbors[:, 0]] (training on an augmented view; the neighbourhood keeps `maps`).
         Returns {"prediction": (B, G)} and, with expression, the fused (B, emb_dim) embeddings
         "image", "expression" and, with the neighbour branch, "neighbor_image", "neighbor_expression".
         """
@@ -123,9 +129,12 @@ class NH2ST(nn.Module):
         if use_neighbors and operator is None:
             operator = hypergraph_operator(maps.flatten(1)[neighbors], self.hyperedge_k)
         if self.input_norm == "channel":
-            maps = ((maps - self.feature_mean) / self.feature_std).to(maps.dtype)
+            maps = self.normalise(maps)
         flat = maps.flatten(1)
-        image = self.image_proj(flat[neighbors[:, 0]])
+        if query_maps is None:
+            image = self.image_proj(flat[neighbors[:, 0]])
+        else:
+            image = self.image_proj((self.normalise(query_maps) if self.input_norm == "channel" else query_maps).flatten(1))
         if use_neighbors:
             # Θ₁ once per unique spot, then gathered into neighbourhoods: same result, k x fewer FLOPs
             neighbor_image = self.neighbor_image(self.neighbor_image.project(flat)[neighbors], operator)

@@ -30,7 +30,20 @@ class FoldSpots:
     split: dict                    # "train" / "val" / "test" -> (n,) int64 rows
     sample_index: torch.Tensor     # (N,) int64 position of each spot's sample in `sample_ids`
     sample_ids: list
+    views: torch.Tensor | None = None     # (N, V-1, C, H, W) the maps of dihedral views 1..V-1 (extract --views V)
+    view_of: torch.Tensor | None = None   # (N,) int64 the view each spot's query uses this epoch, 0 = `features`
     _host: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def draw_views(self, generator: torch.Generator) -> None:
+        """A view per spot for the next epoch, drawn on the host; in place, so a captured step sees it."""
+        drawn = torch.randint(0, self.views.shape[1] + 1, (len(self.view_of),), generator=generator)
+        self.view_of.copy_(drawn, non_blocking=True)
+
+    def query_maps(self, rows: torch.Tensor) -> torch.Tensor:
+        """(b,) rows -> (b, C, H, W) their maps in this epoch's views."""
+        view = self.view_of[rows]
+        turned = self.views[rows, (view - 1).clamp(min=0)]
+        return torch.where((view == 0).view(-1, 1, 1, 1), self.features[rows], turned)
 
     def host(self, name: str) -> torch.Tensor:
         """A CPU copy of `neighbors` or of a split's rows, made once: batches are planned on the host."""
@@ -42,7 +55,8 @@ class FoldSpots:
     def from_arrays(cls, arrays: dict, split_ids: dict, device="cpu", hyperedge_k: int | None = 3) -> "FoldSpots":
         """From `load_spots` output whose samples were loaded in split order (train, val, test).
 
-        hyperedge_k=None skips the hypergraph operators (models without a neighbour branch).
+        hyperedge_k=None skips the hypergraph operators (models without a neighbour branch). With a
+        "views" array the targets' queries can be drawn from their views (`draw_views`, `query_maps`).
         """
         device = torch.device(device)
         sample_ids = [s for ids in split_ids.values() for s in ids]
@@ -57,12 +71,19 @@ class FoldSpots:
             split[name] = torch.nonzero(torch.isin(sample_index, positions)).flatten()
             start += len(ids)
         operator = None if hyperedge_k is None else neighborhood_operators(features, neighbors, hyperedge_k)
-        return cls(features, targets, neighbors, operator, split, sample_index, sample_ids)
+        views = view_of = None
+        if "views" in arrays:
+            views = torch.from_numpy(np.ascontiguousarray(arrays["views"])).to(device=device, dtype=features.dtype)
+            view_of = torch.zeros(len(features), dtype=torch.int64, device=device)
+        return cls(features, targets, neighbors, operator, split, sample_index, sample_ids, views, view_of)
 
     @classmethod
-    def load(cls, store: EmbeddingStore, split_ids: dict, device="cpu", hyperedge_k: int | None = 3) -> "FoldSpots":
+    def load(cls, store: EmbeddingStore, split_ids: dict, device="cpu", hyperedge_k: int | None = 3,
+             views: bool = False) -> "FoldSpots":
+        """views: also load the store's other dihedral views, if it has them (training with TRAINING.augment)."""
         ids = [s for group in split_ids.values() for s in group]
-        arrays = load_spots(store, ids, fields=("features", "targets", "neighbors"))
+        fields = ("features", "targets", "neighbors") + (("views",) if views and store.meta.views > 1 else ())
+        arrays = load_spots(store, ids, fields=fields)
         return cls.from_arrays(arrays, split_ids, device, hyperedge_k)
 
 

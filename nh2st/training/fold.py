@@ -95,7 +95,7 @@ def train_fold(store, fold: int, cfg: Config | None = None, runs_dir="runs", pro
     info = RunInfo(store=str(Path(store.path).resolve()),
                    store_meta={k: store.meta.to_dict()[k] for k in
                                ("dataset", "genes", "backbone", "weights", "weights_sha256", "patch_size",
-                                "feature_shape", "neighbors_k", "normalisation")},
+                                "feature_shape", "neighbors_k", "normalisation", "views")},
                    fold=fold, **{f"{name}_samples": ids for name, ids in split_ids.items()},
                    split=split, n_folds=len(all_folds), protocol=protocol,
                    selected_on=selection_note(protocol, select), selection_split=select or "last epoch",
@@ -121,7 +121,8 @@ def train_fold(store, fold: int, cfg: Config | None = None, runs_dir="runs", pro
     try:
         torch.manual_seed(cfg.GENERAL.seed)
         with_operator = model_kind == "nh2st" and cfg.MODEL.neighbor_branch
-        spots = FoldSpots.load(store, split_ids, device, cfg.MODEL.hyperedge_k if with_operator else None)
+        spots = FoldSpots.load(store, split_ids, device, cfg.MODEL.hyperedge_k if with_operator else None,
+                               views=model_kind == "nh2st" and cfg.TRAINING.augment)
         if model_kind == "nh2st":
             summary = train_nh2st(spots, cfg, run_dir, genes, store.meta.feature_shape, select, show_progress,
                                   f"fold {fold}", resume=action == "resume")

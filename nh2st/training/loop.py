@@ -1,6 +1,7 @@
 """The training loop: `fit` reads top to bottom, one epoch at a time, like nanoGPT's train.py.
 
-Each epoch: shuffle the training rows (seeded by epoch), step through fixed batches, score the
+Each epoch: shuffle the training rows (seeded by epoch) and, from a --views store, draw each
+target's view (TRAINING.augment, nh2st.views), step through fixed batches, score the
 selection split, keep the best state, write the log; stop early when the monitored value has not
 improved for `patience` epochs. The best model goes to checkpoint.pt whenever it improves; the
 whole training state (model, optimizer, scheduler, RNG, history) goes to last.pt at most once per
@@ -219,7 +220,10 @@ def fit(model: NH2ST, spots: FoldSpots, cfg: Config, run_dir: Path, genes: list[
             started = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             model.train()
-            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.GENERAL.seed + epoch))
+            epoch_rng = torch.Generator().manual_seed(cfg.GENERAL.seed + epoch)
+            order = torch.randperm(len(train_rows), generator=epoch_rng)
+            if spots.views is not None:
+                spots.draw_views(epoch_rng)
             rows = train_rows[shard(order, rank, world).to(device)]
             def on_step():
                 if per_step:

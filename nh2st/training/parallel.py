@@ -52,7 +52,8 @@ def fold_footprint(store, cfg: Config, fold_samples: list[str], device_type: str
                    model_kind: str = "nh2st") -> int:
     """Estimated peak bytes of training one fold on a device of `device_type`, for fold scheduling.
 
-    features + targets + neighbours + hypergraph operators of the fold's spots, parameters with
+    features (with a --views store's other views, when TRAINING.augment draws from them) + targets +
+    neighbours + hypergraph operators of the fold's spots, parameters with
     their gradients (one set per captured batch shape), Adam's two moments and the bf16 weight
     casts, the activations of a training batch (batch_size x k gathered maps) and of an evaluation
     chunk, and a process's fixed CUDA cost.
@@ -64,6 +65,8 @@ def fold_footprint(store, cfg: Config, fold_samples: list[str], device_type: str
     k, genes = meta.neighbors_k, len(meta.genes)
     map_bytes = 2 if device_type == "cuda" else 4
     data = n_spots * (flat * map_bytes + genes * 4 + k * 8 + k * k * 4 + 16)
+    if model_kind == "nh2st" and cfg.TRAINING.augment:
+        data += n_spots * (meta.views - 1) * flat * map_bytes
     if model_kind != "nh2st":
         return data + n_spots * meta.feature_shape[0] * 4 + (CUDA_PROCESS_BYTES if device_type == "cuda" else 0)
     from nh2st.model import NH2ST

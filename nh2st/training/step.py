@@ -132,7 +132,7 @@ class TrainStep:
         spots = self.spots
         with autocast(self.device, cache=not graphed):
             out = self.net(spots.features[gather], local, None if self.operator is None else self.operator[rows],
-                           spots.targets[gather])
+                           spots.targets[gather], query_maps=None if spots.views is None else spots.query_maps(rows))
             loss, _ = nh2st_loss(out, spots.targets[rows], self.cfg.MODEL)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

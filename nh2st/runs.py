@@ -6,8 +6,8 @@
     runs/<store-name>/metrics.json               the all-fold summary written by `nh2st eval --fold all`
 
 A fold folder holds config.yaml, run.json (`RunInfo`, versioned), checkpoint.pt (the selected
-model), last.pt (the last epoch's full training state, for `--resume`), log.csv / log.json and
-metrics.json. Training always writes into `fold-<k>.partial/` and renames it onto `fold-<k>/`
+model), log.csv / log.json and metrics.json; a partial one also last.pt (the last saved epoch's
+full training state, for `--resume`; removed when the fold finishes). Training always writes into `fold-<k>.partial/` and renames it onto `fold-<k>/`
 only when the fold has finished, so a finished fold is never replaced by a half-trained one:
 an interrupted or failed retraining leaves the previous result in place and its own state in
 the partial folder, where `nh2st train --resume` continues it.
@@ -126,9 +126,16 @@ def write_info(fold_dir, info: RunInfo) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save, atomically; a failed write (torch reports a full disk as a stream error) names the folder."""
     import torch
 
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as exc:
+        free = shutil.disk_usage(Path(path).parent).free
+        raise NH2STError(f"{path}: could not be written ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                         f"{free / 2**20:,.0f} MiB free there: free some space or choose another --runs-dir, then "
+                         "run again with --resume") from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -221,8 +228,13 @@ def begin_partial(root, fold: int, resume: bool) -> Path:
 
 
 def promote(root, fold: int) -> Path:
-    """Swap a finished fold-<k>.partial/ onto fold-<k>/ (the previous result is removed only after)."""
+    """Swap a finished fold-<k>.partial/ onto fold-<k>/ (the previous result is removed only after).
+
+    last.pt goes first: a finished fold is never resumed, and the resume state (the model with its
+    optimizer moments) is the largest file of a run, ~3x the checkpoint.
+    """
     partial, final = partial_path(root, fold), fold_path(root, fold)
+    (partial / LAST).unlink(missing_ok=True)
     old = Path(root) / f".fold-{fold}.{os.getpid()}.old"
     if final.exists():
         os.replace(final, old)

@@ -2,6 +2,7 @@
 early stopping and the schedule do what the config says."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_resume_continues_an_interrupted_fold_to_the_same_result(store_path, tmp
             train_fold(store_path, 1, cfg, tmp_path / "resumed", show_progress=False)
     partial = tmp_path / "resumed" / "synth" / "fold-1.partial"
     info = read(partial / "run.json")
-    assert info["status"] == "interrupted" and info["epochs_run"] == 2
+    assert info["status"] == "interrupted" and info["epochs_run"] == 2 and (partial / "last.pt").is_file()
     with pytest.raises(NH2STError, match=r"fold 1: interrupted after 2 epochs .*--resume"):
         resolve_run(tmp_path / "resumed" / "synth", 1)
     with pytest.raises(NH2STError, match=r"interrupted after 2 epochs.*--overwrite to start it again"):
@@ -84,6 +85,8 @@ def test_resume_continues_an_interrupted_fold_to_the_same_result(store_path, tmp
 
     resumed = train_fold(store_path, 1, cfg, tmp_path / "resumed", show_progress=False, resume=True)
     assert not partial.exists()
+    finished = tmp_path / "resumed" / "synth" / "fold-1"
+    assert (finished / "checkpoint.pt").is_file() and not (finished / "last.pt").exists()   # resume state dropped
     for key in ("R", "pcc_mean", "mse", "mae", "best_epoch", "epochs_run"):
         assert resumed[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
     logs = [read(tmp_path / d / "synth" / "fold-1" / "log.json") for d in ("straight", "resumed")]
@@ -178,3 +181,15 @@ def test_the_fold_scheme_reaches_training(store_path, tmp_path):
     loo = train_folds(store_path, [4], small_config("TRAINING.num_epochs=1"), tmp_path / "loo", model_kind="mean",
                       split="loo", show_progress=False)
     assert loo[0]["test_samples"] == ["DEMO5"] and loo[0]["split"] == "loo"
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_leaves_nothing(tmp_path, monkeypatch):
+    from nh2st.runs import save_checkpoint
+
+    def full_disk(state, f):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("basic_ios::clear: iostream error")      # how torch.save reports ENOSPC
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(NH2STError, match=r"last\.pt: could not be written .*MiB free there.*--resume"):
+        save_checkpoint(tmp_path / "fold-0.partial" / "last.pt", {"epoch": 1})
+    assert list((tmp_path / "fold-0.partial").iterdir()) == []

@@ -83,6 +83,27 @@ def test_views_must_match_the_store_and_be_a_dihedral_count(hest_root, tmp_path)
                     device="cpu", progress=False, views=3)
 
 
+def test_cli_extract_takes_views_and_info_shows_them(hest_root, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from cli import extract as extract_cli
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    extract_cli.register(app)
+    runner, store = CliRunner(), tmp_path / "zen.zarr"
+    args = ["extract", "--dataset", "zen", "--data-root", str(hest_root), "--store", str(store), "--device", "cpu",
+            "--weights", "random"]
+    done = runner.invoke(app, [*args, "--views", "4"], env={"COLUMNS": "200"})
+    assert done.exit_code == 0, done.output
+    assert "(4 views each)" in done.stdout and EmbeddingStore.open(store).meta.views == 4
+    assert EmbeddingStore.open(store).read_sample("ZEN40", ("views",))["views"].shape[1] == 3
+    info = runner.invoke(app, ["info", str(store)], env={"COLUMNS": "200"})
+    assert info.exit_code == 0 and "views per patch" in info.stdout
+    bad = runner.invoke(app, [*args, "--store", str(tmp_path / "other.zarr"), "--views", "2"])
+    assert bad.exit_code != 0 and isinstance(bad.exception, NH2STError) and "--views 2" in str(bad.exception)
+
+
 def test_views_written_in_uneven_batches_read_back_in_order(tmp_path):
     shape, n = (8, 2, 2), 300                       # several features chunks; views chunks of 16 spots
     meta = StoreMeta(dataset="demo", genes=["A"], backbone="synthetic", weights="none", weights_sha256="0" * 64,

@@ -140,7 +140,10 @@ class _FeatureWrites:
                 maps, pooled, views = batches[0]
             else:
                 maps, pooled, views = (None if parts[0] is None else np.concatenate(parts) for parts in zip(*batches))
-            self._writer.write_features(maps, pooled, views)
+            if views is None:    # a writer of one view (predict's) takes maps and pooled only
+                self._writer.write_features(maps, pooled)
+            else:
+                self._writer.write_features(maps, pooled, views)
 
     def close(self) -> None:
         """Write what is queued and wait; `abort` instead when the sample failed."""

@@ -128,13 +128,12 @@ class NH2ST(nn.Module):
         use_neighbors = self.neighbor_branch and (expression is not None or self.neighbors_at_inference)
         if use_neighbors and operator is None:
             operator = hypergraph_operator(maps.flatten(1)[neighbors], self.hyperedge_k)
-        if self.input_norm == "channel":
-            maps = self.normalise(maps)
-        flat = maps.flatten(1)
         if query_maps is None:
-            image = self.image_proj(flat[neighbors[:, 0]])
-        else:
-            image = self.image_proj((self.normalise(query_maps) if self.input_norm == "channel" else query_maps).flatten(1))
+            query_maps = maps[neighbors[:, 0]]
+        if self.input_norm == "channel":
+            maps, query_maps = self.normalise(maps), self.normalise(query_maps)
+        flat = maps.flatten(1)
+        image = self.image_proj(query_maps.flatten(1))
         if use_neighbors:
             # Θ₁ once per unique spot, then gathered into neighbourhoods: same result, k x fewer FLOPs
             neighbor_image = self.neighbor_image(self.neighbor_image.project(flat)[neighbors], operator)

@@ -81,10 +81,10 @@ VARIANTS = {   # name -> (model kind, config file, overrides, label)
     "mlp": ("mlp", RECOMMENDED, [], "MLP probe (pooled, 1 hidden layer)"),
     "paper": ("nh2st", PAPER, [], "NH²2ST paper mode (configs/demo-paper.yaml)"),
     "nh2st+": ("nh2st", RECOMMENDED, [], "NH²2ST nh2st+ (recommended, configs/demo.yaml)"),
+    "nh2st+:views8": ("nh2st", RECOMMENDED, [], "NH²2ST nh2st+ on the --views 8 store (augmented)"),
     **{f"paper+{name}": ("nh2st", PAPER, keys, f"paper mode + {name}") for name, keys in SWITCHES.items()},
 }
-VARIANTS["nh2st+:views8"] = ("nh2st", RECOMMENDED, [], "NH²2ST nh2st+ on the --views 8 store (augmented)")
-VIEWS_VARIANTS = {"nh2st+:views8": 8}    # variants trained on --views-store, and its number of views
+VIEWS_VARIANTS = ("nh2st+:views8",)      # trained on --views-store, the demo extracted with --views 8
 CORE_VARIANTS = ["mean", "ridge", "mlp", "paper", "nh2st+"]
 SWITCH_VARIANTS = [f"paper+{name}" for name in SWITCHES]
 TEST_METRICS = ("pcc_mean", "pcc_per_slide", "R", "hvg50_pcc", "mse", "mae")
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
                         help="the generated demo (its demo.json holds the noise ceiling)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GENERAL.seed values")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
-                        default=CORE_VARIANTS + list(VIEWS_VARIANTS) + SWITCH_VARIANTS)
+                        default=CORE_VARIANTS + [*VIEWS_VARIANTS] + SWITCH_VARIANTS)
     parser.add_argument("--switch-seeds", type=int, nargs="+", default=None,
                         help="GENERAL.seed values for the paper+<switch> variants (default: --seeds)")
     parser.add_argument("--report", choices=("test", "validation"), default="test")
